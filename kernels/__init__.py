@@ -1,0 +1,1 @@
+"""GPU kernels for ternjax's dispatch (installed as ``ternjax.kernels``)."""

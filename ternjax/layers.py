@@ -1,0 +1,283 @@
+"""Flax NNX ternary layers: ``nnx.Linear`` / ``nnx.Conv`` with a quantizing contraction.
+
+The layers are the Flax layers themselves; only the contraction is replaced (AQT style): the
+``dot_general`` / ``conv_general_dilated`` they call is a :class:`TernaryOperands` module that
+quantizes the kernel and the inputs before contracting. The float kernel stays the
+``nnx.Param`` (the shadow weights) and learned scales are ``nnx.Param`` too, so a plain
+``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains a model mixing these with ordinary layers.
+``QuantConfig(weights='fp')`` gives the float layer, so baseline and ternary model are one class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from ternjax import quantizers as q
+
+WEIGHT_METHODS = ("fp", "twn", "ttq", "stochastic")
+ACTIVATION_METHODS = ("none", "ternary", "int8")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+  """How a layer quantizes its kernel and its inputs."""
+
+  weights: str = "twn"           # 'fp' | 'twn' | 'ttq' | 'stochastic'
+  per_channel: bool = True       # one scale (and threshold) per output channel
+  delta: float = 0.7             # TWN threshold factor: Δ = delta·mean|w|
+  ttq_threshold: float = 0.05    # TTQ threshold factor: Δ = ttq_threshold·max|w|
+  ste: str = "identity"          # weight STE: 'identity' | 'clipped' (|w| ≤ 1)
+  activations: str = "none"      # input quantization: 'none' | 'ternary' | 'int8'
+  act_threshold: float = 0.5     # ternary activation: t = sign(x)·[|x| > act_threshold·s]
+  act_scale_init: float = 1.0    # initial learned activation scale s
+
+  def __post_init__(self):
+    if self.weights not in WEIGHT_METHODS:
+      raise ValueError(f"weights must be one of {WEIGHT_METHODS}, got {self.weights!r}")
+    if self.activations not in ACTIVATION_METHODS:
+      raise ValueError(
+          f"activations must be one of {ACTIVATION_METHODS}, got {self.activations!r}")
+    if self.ste not in q.STE_MODES:
+      raise ValueError(f"ste must be one of {q.STE_MODES}, got {self.ste!r}")
+    for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+  @property
+  def ternary_weights(self) -> bool:
+    return self.weights != "fp"
+
+
+class TernaryOperands(nnx.Module):
+  """Quantizes a layer's kernel and inputs as its :class:`QuantConfig` says.
+
+  Holds the learned quantization state: TTQ's ``alpha_pos``/``alpha_neg`` and the ternary
+  activation ``act_scale`` (``nnx.Param``), and an RNG stream for stochastic weights. In eval
+  mode (``deterministic=True``) stochastic weights use the deterministic rounding.
+  """
+
+  def __init__(self, config: QuantConfig, kernel: jax.Array, *, rngs: nnx.Rngs):
+    self.config = config
+    self.deterministic = False
+    if config.weights == "ttq":
+      t = q.ttq_codes(kernel, config.ttq_threshold, config.per_channel)
+      axes = q._reduce_axes(kernel, config.per_channel)
+      shape = kernel.shape[-1:] if config.per_channel else ()
+
+      def mean_abs(mask):
+        total = jnp.sum(jnp.abs(kernel) * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axes), 1)
+        return jnp.maximum(total, 1e-3).reshape(shape)
+
+      self.alpha_pos = nnx.Param(mean_abs(t > 0))
+      self.alpha_neg = nnx.Param(mean_abs(t < 0))
+    if config.activations == "ternary":
+      self.act_scale = nnx.Param(jnp.asarray(config.act_scale_init, jnp.float32))
+    self.rngs = rngs["quant"].fork() if config.weights == "stochastic" else nnx.data(None)
+
+  def _ttq_scales(self, kernel):
+    shape = (1,) * (kernel.ndim - 1) + (-1,) if self.config.per_channel else ()
+    return self.alpha_pos[...].reshape(shape), self.alpha_neg[...].reshape(shape)
+
+  def weights(self, kernel: jax.Array) -> jax.Array:
+    """The kernel used in the forward pass (dequantized ternary, or float for 'fp')."""
+    c = self.config
+    if c.weights == "twn":
+      return q.twn(kernel, c.delta, c.per_channel, c.ste)
+    if c.weights == "ttq":
+      return q.ttq(kernel, *self._ttq_scales(kernel), c.ttq_threshold, c.per_channel)
+    if c.weights == "stochastic":
+      key = None if self.deterministic else self.rngs()
+      return q.stochastic(kernel, key, c.per_channel, c.ste)
+    return kernel
+
+  def weight_codes(self, kernel: jax.Array):
+    """Inference form of the kernel: ``(t, scale_pos, scale_neg)``, scales of shape ``(N,)``.
+
+    ``scale_neg`` is None when both signs share one scale. Deterministic in every mode.
+    """
+    c = self.config
+    n = kernel.shape[-1]
+    if c.weights == "twn":
+      t, alpha = q.twn_codes(kernel, c.delta, c.per_channel)
+      return t, jnp.broadcast_to(alpha.reshape(-1), (n,)), None
+    if c.weights == "ttq":
+      t = q.ttq_codes(kernel, c.ttq_threshold, c.per_channel)
+      ap, an = (jnp.broadcast_to(a.reshape(-1), (n,)) for a in self._ttq_scales(kernel))
+      return t, ap, an
+    if c.weights == "stochastic":
+      t, scale = q.stochastic_codes(kernel, None, c.per_channel)
+      return t, jnp.broadcast_to(scale.reshape(-1), (n,)), None
+    raise ValueError("weight_codes() needs ternary weights; this layer is float ('fp')")
+
+  def inputs(self, x: jax.Array) -> jax.Array:
+    """The inputs used in the forward pass (quantized as configured)."""
+    if self.config.activations == "ternary":
+      return q.ternary_activation(x, self.act_scale[...], self.config.act_threshold)
+    if self.config.activations == "int8":
+      return q.int8(x)
+    return x
+
+  def input_codes(self, x: jax.Array):
+    """Inference form of the inputs: ``(codes, scale)``; ``(x, None)`` when not quantized."""
+    if self.config.activations == "ternary":
+      s = self.act_scale[...]
+      return q.ternary_activation_codes(x, s, self.config.act_threshold), s
+    if self.config.activations == "int8":
+      return q.int8_codes(x)
+    return x, None
+
+
+class TernaryDotGeneral(TernaryOperands):
+  """Drop-in ``dot_general`` for ``nnx.Linear`` that quantizes both operands."""
+
+  def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
+    return lax.dot_general(self.inputs(x), self.weights(kernel), dimension_numbers,
+                           precision=precision, **kwargs)
+
+
+class TernaryConvGeneral(TernaryOperands):
+  """Drop-in ``conv_general_dilated`` for ``nnx.Conv`` that quantizes both operands."""
+
+  def __call__(self, x, kernel, *args, **kwargs):
+    return lax.conv_general_dilated(self.inputs(x), self.weights(kernel), *args, **kwargs)
+
+
+class TernaryLinear(nnx.Linear):
+  """``nnx.Linear`` with ternary weights (and optionally quantized inputs).
+
+  Takes ``nnx.Linear``'s arguments plus ``quant`` (a :class:`QuantConfig`).
+
+  >>> layer = TernaryLinear(4, 3, quant=QuantConfig(weights='twn'), rngs=nnx.Rngs(0))
+  >>> layer(jnp.ones((2, 4))).shape
+  (2, 3)
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               quant: QuantConfig = QuantConfig(), rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, rngs=rngs, **kwargs)
+    self.dot_general = nnx.data(TernaryDotGeneral(quant, self.kernel[...], rngs=rngs))
+
+  @property
+  def quant(self) -> TernaryOperands:
+    return self.dot_general
+
+
+class TernaryConv(nnx.Conv):
+  """``nnx.Conv`` with ternary weights (and optionally quantized inputs).
+
+  Takes ``nnx.Conv``'s arguments plus ``quant`` (a :class:`QuantConfig`).
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
+               quant: QuantConfig = QuantConfig(), rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
+    self.conv_general_dilated = nnx.data(
+        TernaryConvGeneral(quant, self.kernel[...], rngs=rngs))
+
+  @property
+  def quant(self) -> TernaryOperands:
+    return self.conv_general_dilated
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+  name: str
+  kind: str
+  params: int
+  bits_per_weight: int
+  float_bytes: int
+  packed_bytes: int
+  sparsity: float | None
+  scales: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """Per-layer table of a model: what :func:`summary` returns; ``str()`` renders it."""
+
+  layers: tuple[LayerSummary, ...]
+
+  @property
+  def params(self) -> int:
+    return sum(l.params for l in self.layers)
+
+  @property
+  def float_bytes(self) -> int:
+    return sum(l.float_bytes for l in self.layers)
+
+  @property
+  def packed_bytes(self) -> int:
+    return sum(l.packed_bytes for l in self.layers)
+
+  def __str__(self) -> str:
+    head = ("layer", "type", "params", "bits/w", "float32 B", "packed B", "sparsity", "scales")
+    rows = [head] + [
+        (l.name, l.kind, f"{l.params:,}", str(l.bits_per_weight), f"{l.float_bytes:,}",
+         f"{l.packed_bytes:,}", "-" if l.sparsity is None else f"{l.sparsity:.1%}", l.scales)
+        for l in self.layers]
+    ratio = self.float_bytes / max(self.packed_bytes, 1)
+    rows.append(("total", "", f"{self.params:,}", "", f"{self.float_bytes:,}",
+                 f"{self.packed_bytes:,}", "", f"{ratio:.1f}x smaller"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 or i == 7 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    rule = "-" * len(fmt(rows[0]))
+    return "\n".join([fmt(rows[0]), rule, *map(fmt, rows[1:-1]), rule, fmt(rows[-1])])
+
+
+def _scale_text(values: dict[str, jax.Array]) -> str:
+  return " ".join(f"{k} {float(jnp.mean(v)):.3g}" + (f"±{float(jnp.std(v)):.2g}" if v.size > 1
+                                                     else "") for k, v in values.items())
+
+
+def _layer_summary(name: str, module: nnx.Module) -> LayerSummary | None:
+  params = jax.tree.leaves(nnx.state(module, nnx.Param))
+  if not params:
+    return None
+  count = sum(int(np.prod(v.shape)) for v in params)
+  float_bytes = 4 * count
+  kind = type(module).__name__
+  quant = getattr(module, "quant", None)
+  if isinstance(quant, TernaryOperands) and quant.config.ternary_weights:
+    kernel = module.kernel[...]
+    t, sp, sn = quant.weight_codes(kernel)
+    scales = {"α": sp} if sn is None else {"αp": sp, "αn": sn}
+    if quant.config.activations == "ternary":
+      scales["s_act"] = quant.act_scale[...]
+    # 2-bit codes along the contraction axis, float32 for the other params (bias, learned
+    # scales) and for the per-channel scale that TWN / stochastic derive from the kernel.
+    n = kernel.shape[-1]
+    derived = 0 if sn is not None else n
+    packed = -(-math.prod(kernel.shape[:-1]) // 4) * n + 4 * (count - kernel.size + derived)
+    return LayerSummary(name, kind, count, 2, float_bytes, packed,
+                        float(jnp.mean(t == 0)), _scale_text(scales))
+  if isinstance(module, (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm, nnx.Embed)):
+    return LayerSummary(name, kind, count, 32, float_bytes, float_bytes, None, "")
+  return None
+
+
+def summary(model: nnx.Module) -> Summary:
+  """Per-layer parameter count, bits per weight, float vs packed bytes, sparsity and scales.
+
+  Packed bytes count ternary kernels as 2-bit codes plus float32 scales and biases; float
+  layers stay float32. Like Larq's model summary: ``print(summary(model))``.
+  """
+  rows = []
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, TernaryOperands):
+      continue
+    row = _layer_summary(".".join(map(str, path)) or type(model).__name__, module)
+    if row is not None:
+      rows.append(row)
+  return Summary(tuple(rows))

@@ -1,0 +1,240 @@
+r"""Ternary and low-bit quantizers as straight-through estimators (STE).
+
+Each quantizer comes in two forms:
+
+* ``*_codes(...)`` is the plain forward: it returns the integer codes (``int8``) and the scales,
+  which packing, export and the integer ops consume;
+* the function without the suffix is a ``jax.custom_vjp`` returning the dequantized values
+  (codes times scales) for training; its backward pass is documented in one line.
+
+Scales keep the reduced axes (``keepdims``) so that ``codes * scale`` broadcasts. "Per channel"
+means one scale per output channel, the last axis of a kernel (``nnx.Linear``: ``(in, out)``,
+``nnx.Conv``: ``(*window, in, out)``).
+
+==============  ======================================================  ===========================
+quantizer       forward                                                 backward
+==============  ======================================================  ===========================
+``twn``         Δ = δ·mean|w|; t = sign(w)·[|w| > Δ]; α = mean|w| over  STE: g (identity) or
+                |w| > Δ; returns α·t                                    g·[|w| ≤ 1] (clipped)
+``ttq``         Δ = t·max|w|; returns αp on w > Δ, −αn on w < −Δ, else  w: g·αp / g / g·αn on the
+                0                                                       +, 0, − sets; αp: Σ g over
+                                                                        +; αn: −Σ g over −
+``stochastic``  s = max|w|; t = sign(w)·Bernoulli(|w|/s); returns s·t   STE (identity or clipped)
+``ternary_      t = sign(x)·[|x| > θ·s]; returns s·t                    x: g·[|x| ≤ s]; s: LSQ
+activation``                                                            gradient (below)
+``int8``        s = max|x|/127 per example; returns s·round(x/s)        identity (no clipping
+                                                                        occurs: s covers max|x|)
+==============  ======================================================  ===========================
+
+References: TWN, Li et al. 2016 (arXiv:1605.04711); TTQ, Zhu et al. 2017 (arXiv:1612.01064);
+LSQ, Esser et al. 2020 (arXiv:1902.08153).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+STE_MODES = ("identity", "clipped")
+
+
+def _reduce_axes(x: jax.Array, per_channel: bool) -> tuple[int, ...]:
+  """Axes reduced to get a scale: all of them, or all but the last (output channel)."""
+  return tuple(range(x.ndim - 1)) if per_channel and x.ndim > 1 else tuple(range(x.ndim))
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums ``x`` over the axes that were broadcast from ``shape`` (the adjoint of broadcasting)."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
+
+
+def _ternary_from_threshold(w: jax.Array, threshold: jax.Array) -> jax.Array:
+  return jnp.where(w > threshold, 1, jnp.where(w < -threshold, -1, 0)).astype(jnp.int8)
+
+
+def ste_mask(w: jax.Array, ste: str) -> jax.Array:
+  """Gradient mask of an STE: ones (``identity``) or ``|w| <= 1`` (``clipped``)."""
+  if ste == "identity":
+    return jnp.ones_like(w)
+  return (jnp.abs(w) <= 1).astype(w.dtype)
+
+
+def straight_through(w: jax.Array, q: jax.Array, ste: str = "identity") -> jax.Array:
+  """Returns ``q`` exactly; backward: ``g * ste_mask(w)`` to ``w`` and nothing to ``q``."""
+  if ste not in STE_MODES:
+    raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}")
+  return _straight_through(w, q, ste)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _straight_through(w, q, ste):
+  del w, ste
+  return q
+
+
+def _straight_through_fwd(w, q, ste):
+  return q, w
+
+
+def _straight_through_bwd(ste, w, g):
+  return g * ste_mask(w, ste), jnp.zeros_like(g)
+
+
+_straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# TWN
+
+
+def twn_codes(w: jax.Array, delta: float = 0.7, per_channel: bool = False):
+  r"""TWN ternarization: codes ``t`` in {-1, 0, 1} (int8) and scale ``α`` (keepdims).
+
+  .. math::
+    Δ = δ · \mathrm{mean}|w|, \quad t = \mathrm{sign}(w)·[|w| > Δ], \quad
+    α = \frac{Σ |w|·|t|}{Σ |t|}
+
+  >>> t, a = twn_codes(jnp.array([0.9, -0.1, -1.1, 0.4]))
+  >>> t.tolist(), round(float(a), 4)
+  ([1, 0, -1, 0], 1.0)
+  """
+  axes = _reduce_axes(w, per_channel)
+  absw = jnp.abs(w)
+  t = _ternary_from_threshold(w, delta * jnp.mean(absw, axis=axes, keepdims=True))
+  nonzero = jnp.abs(t).astype(w.dtype)
+  count = jnp.sum(nonzero, axis=axes, keepdims=True)
+  alpha = jnp.sum(absw * nonzero, axis=axes, keepdims=True) / jnp.maximum(count, 1)
+  return t, alpha
+
+
+def twn(w: jax.Array, delta: float = 0.7, per_channel: bool = False,
+        ste: str = "identity") -> jax.Array:
+  """TWN forward ``α·t`` (see :func:`twn_codes`); backward: ``g·ste_mask(w)``."""
+  t, alpha = twn_codes(w, delta, per_channel)
+  return straight_through(w, jax.lax.stop_gradient(alpha * t), ste)
+
+
+# --------------------------------------------------------------------------------------------
+# TTQ
+
+
+def ttq_codes(w: jax.Array, threshold: float = 0.05, per_channel: bool = False) -> jax.Array:
+  """TTQ ternarization codes: ``t = sign(w)·[|w| > threshold·max|w|]`` (int8)."""
+  axes = _reduce_axes(w, per_channel)
+  return _ternary_from_threshold(w, threshold * jnp.max(jnp.abs(w), axis=axes, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def ttq(w: jax.Array, alpha_pos: jax.Array, alpha_neg: jax.Array, threshold: float = 0.05,
+        per_channel: bool = False) -> jax.Array:
+  r"""Trained ternary quantization with learned scales ``αp, αn`` (positive numbers).
+
+  Forward: ``αp`` where ``w > Δ``, ``−αn`` where ``w < −Δ``, 0 elsewhere, ``Δ = threshold·max|w|``.
+  Backward (TTQ paper, eq. 6–7): ``∂L/∂αp = Σ_{I+} g``, ``∂L/∂αn = −Σ_{I−} g`` (the chain rule
+  through ``−αn``), and the latent weight gets ``αp·g`` on ``I+``, ``g`` on the zero set and
+  ``αn·g`` on ``I−``. ``alpha_pos``/``alpha_neg`` are scalars, or per output channel.
+  """
+  t = ttq_codes(w, threshold, per_channel)
+  return jnp.where(t > 0, alpha_pos, jnp.where(t < 0, -alpha_neg, 0)).astype(w.dtype)
+
+
+def _ttq_fwd(w, alpha_pos, alpha_neg, threshold, per_channel):
+  t = ttq_codes(w, threshold, per_channel)
+  out = jnp.where(t > 0, alpha_pos, jnp.where(t < 0, -alpha_neg, 0)).astype(w.dtype)
+  return out, (t, alpha_pos, alpha_neg)
+
+
+def _ttq_bwd(threshold, per_channel, res, g):
+  del threshold, per_channel
+  t, alpha_pos, alpha_neg = res
+  pos, neg = (t > 0).astype(g.dtype), (t < 0).astype(g.dtype)
+  g_w = g * jnp.where(t > 0, alpha_pos, jnp.where(t < 0, alpha_neg, 1)).astype(g.dtype)
+  g_pos = _sum_to_shape(g * pos, jnp.shape(alpha_pos)).astype(jnp.result_type(alpha_pos))
+  g_neg = _sum_to_shape(-g * neg, jnp.shape(alpha_neg)).astype(jnp.result_type(alpha_neg))
+  return g_w, g_pos, g_neg
+
+
+ttq.defvjp(_ttq_fwd, _ttq_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Stochastic ternarization
+
+
+def stochastic_codes(w: jax.Array, key: jax.Array | None, per_channel: bool = False):
+  """Stochastic ternary codes and scale ``s = max|w|``; ``E[s·t] = w``.
+
+  ``t = sign(w)`` with probability ``|w|/s``, else 0. With ``key=None`` the codes are the
+  deterministic rounding ``sign(w)·[|w|/s ≥ 1/2]`` (used for evaluation and export).
+  """
+  axes = _reduce_axes(w, per_channel)
+  scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+  p = jnp.abs(w) / jnp.maximum(scale, jnp.finfo(w.dtype).tiny)
+  keep = p >= 0.5 if key is None else jax.random.uniform(key, w.shape, w.dtype) < p
+  return (jnp.sign(w) * keep).astype(jnp.int8), scale
+
+
+def stochastic(w: jax.Array, key: jax.Array | None, per_channel: bool = False,
+               ste: str = "identity") -> jax.Array:
+  """Stochastic ternarization ``s·t`` (see :func:`stochastic_codes`); backward: STE."""
+  t, scale = stochastic_codes(w, key, per_channel)
+  return straight_through(w, jax.lax.stop_gradient(scale * t), ste)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+
+
+def ternary_activation_codes(x: jax.Array, scale: jax.Array, threshold: float = 0.5):
+  """Balanced ternary activation codes ``sign(x)·[|x| > threshold·scale]`` (int8)."""
+  return _ternary_from_threshold(x, threshold * scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def ternary_activation(x: jax.Array, scale: jax.Array, threshold: float = 0.5) -> jax.Array:
+  r"""Balanced ternary activation ``s·t`` with a learned scale ``s`` (LSQ-style STE).
+
+  Backward: ``∂/∂x = g·[|x| ≤ s]``; with ``v = x/s``,
+  ``∂/∂s = Σ g·(t − v)`` inside ``|v| ≤ 1`` and ``Σ g·sign(v)`` outside, times LSQ's gradient
+  scale ``1/\sqrt{N}`` (``N`` elements per scale) which keeps the scale's step comparable to the
+  weights'.
+  """
+  return scale * ternary_activation_codes(x, scale, threshold).astype(x.dtype)
+
+
+def _ternary_activation_fwd(x, scale, threshold):
+  t = ternary_activation_codes(x, scale, threshold).astype(x.dtype)
+  return scale * t, (x, scale, t)
+
+
+def _ternary_activation_bwd(threshold, res, g):
+  del threshold
+  x, scale, t = res
+  v = x / scale
+  inside = jnp.abs(v) <= 1
+  g_x = g * inside.astype(g.dtype)
+  per_scale = x.size // max(jnp.size(scale), 1)
+  g_s = jnp.where(inside, t - v, jnp.sign(v)) * g / jnp.sqrt(per_scale)
+  return g_x, _sum_to_shape(g_s, jnp.shape(scale)).astype(jnp.result_type(scale))
+
+
+ternary_activation.defvjp(_ternary_activation_fwd, _ternary_activation_bwd)
+
+
+def int8_codes(x: jax.Array):
+  """Symmetric int8 codes per example (axis 0): ``s = max|x|/127``, ``q = round(x/s)``."""
+  axes = tuple(range(1, x.ndim)) if x.ndim > 1 else (0,)
+  scale = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0).astype(x.dtype)
+  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def int8(x: jax.Array) -> jax.Array:
+  """Symmetric int8 fake quantization ``s·q`` (W2A8 activations); backward: identity."""
+  q, scale = int8_codes(x)
+  return straight_through(x, jax.lax.stop_gradient(scale * q.astype(x.dtype)), "identity")

@@ -1,0 +1,48 @@
+"""Packing round trips for random shapes and axes, and the documented bit layout."""
+
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from ternjax import packing
+
+shapes = st.lists(st.integers(1, 70), min_size=1, max_size=3)
+
+
+def _ternary(shape, seed):
+  return np.random.default_rng(seed).integers(-1, 2, shape).astype(np.int8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
+def test_bitplanes_round_trip(shape, seed, axis_pick):
+  t = _ternary(shape, seed)
+  axis = axis_pick % len(shape)
+  b = packing.pack_bitplanes(jnp.asarray(t), axis)
+  assert b.pos.dtype == jnp.uint32 and b.shape == t.shape
+  assert b.pos.shape[axis] == -(-shape[axis] // 32)
+  np.testing.assert_array_equal(packing.unpack_bitplanes(b), t)
+  assert not np.any(np.asarray(b.pos) & np.asarray(b.neg))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
+def test_codes_round_trip(shape, seed, axis_pick):
+  t = _ternary(shape, seed)
+  axis = axis_pick % len(shape)
+  c = packing.pack_codes(jnp.asarray(t), axis)
+  assert c.dtype == jnp.uint8 and c.shape[axis] == -(-shape[axis] // 4)
+  np.testing.assert_array_equal(packing.unpack_codes(c, shape[axis], axis), t)
+  b = packing.bitplanes_from_codes(c, shape[axis], axis)
+  np.testing.assert_array_equal(packing.unpack_bitplanes(b), t)
+
+
+def test_documented_layout():
+  t = np.zeros(40, np.int8)
+  t[[0, 5, 33]] = 1
+  t[[1, 39]] = -1
+  b = packing.pack_bitplanes(jnp.asarray(t))
+  np.testing.assert_array_equal(b.pos, [1 | 1 << 5, 1 << 1])
+  np.testing.assert_array_equal(b.neg, [1 << 1, 1 << 7])
+  c = packing.pack_codes(jnp.asarray([1, -1, 0, 1, -1]))
+  np.testing.assert_array_equal(c, [0b01_00_10_01, 0b10])
