@@ -193,3 +193,10 @@ def ternary_conv(x: jax.Array, w: Bitplanes, *, window: Sequence[int],
   out = ternary_matmul(rows, w, x_ternary=x_ternary, x_scale=x_scale, w_scale=w_scale,
                        w_scale_neg=w_scale_neg, implementation=implementation)
   return out.reshape(*out_spatial, -1)
+
+
+# GPU implementations register themselves on import (they need jax-triton / a GPU to run).
+try:
+  import ternjax.kernels  # noqa: E402,F401
+except ImportError:  # pragma: no cover - the kernels package is part of every install
+  pass
