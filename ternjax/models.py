@@ -34,6 +34,11 @@ class MaxPool(nnx.Module):
     return nnx.max_pool(x, (self.window,) * 2, (self.strides,) * 2)
 
 
+def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """BatchNorm whose running statistics follow the batches within a few hundred steps."""
+  return nnx.BatchNorm(features, momentum=0.9, rngs=rngs)
+
+
 def _edge(quant: QuantConfig, fp_first_last: bool) -> QuantConfig:
   return FP if fp_first_last else quant
 
@@ -47,7 +52,7 @@ def mlp(quant: QuantConfig, *, fp_first_last: bool = False, rngs: nnx.Rngs,
     cfg = _edge(quant, fp_first_last) if i in (0, n - 1) else quant
     layers.append(TernaryLinear(a, b, quant=cfg, rngs=rngs))
     if i < n - 1:
-      layers += [nnx.BatchNorm(b, rngs=rngs), ReLU()]
+      layers += [_bn(b, rngs), ReLU()]
   return nnx.Sequential(*layers)
 
 
@@ -56,12 +61,12 @@ def lenet5(quant: QuantConfig, *, fp_first_last: bool = False, rngs: nnx.Rngs) -
   edge = _edge(quant, fp_first_last)
   return nnx.Sequential(
       TernaryConv(1, 32, (5, 5), padding="VALID", quant=edge, rngs=rngs),
-      nnx.BatchNorm(32, rngs=rngs), ReLU(), MaxPool(2),
+      _bn(32, rngs), ReLU(), MaxPool(2),
       TernaryConv(32, 64, (5, 5), padding="VALID", quant=quant, rngs=rngs),
-      nnx.BatchNorm(64, rngs=rngs), ReLU(), MaxPool(2),
+      _bn(64, rngs), ReLU(), MaxPool(2),
       Flatten(),
       TernaryLinear(1024, 512, quant=quant, rngs=rngs),
-      nnx.BatchNorm(512, rngs=rngs), ReLU(),
+      _bn(512, rngs), ReLU(),
       TernaryLinear(512, 10, quant=edge, rngs=rngs),
   )
 
@@ -80,12 +85,12 @@ def ternary_cnn(quant: QuantConfig, *, fp_first_last: bool = False,
   last = QuantConfig(**{**FP.__dict__, "activations": "ternary"}) if fp_first_last else act
   return nnx.Sequential(
       TernaryConv(1, 32, (5, 5), padding="VALID", quant=first, rngs=rngs),
-      nnx.BatchNorm(32, rngs=rngs), MaxPool(2),
+      _bn(32, rngs), MaxPool(2),
       TernaryConv(32, 64, (5, 5), padding="VALID", quant=act, rngs=rngs),
-      nnx.BatchNorm(64, rngs=rngs), MaxPool(2),
+      _bn(64, rngs), MaxPool(2),
       Flatten(),
       TernaryLinear(1024, 512, quant=act, rngs=rngs),
-      nnx.BatchNorm(512, rngs=rngs),
+      _bn(512, rngs),
       TernaryLinear(512, 10, quant=last, rngs=rngs),
   )
 

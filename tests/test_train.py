@@ -1,0 +1,162 @@
+"""The shared train loop: learning, determinism, schedules, run-dir safety, kill-and-resume."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import ternjax as tj
+from ternjax import data, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "mnist.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module's runs and subprocesses (test speed)."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = str(tmp_path_factory.mktemp("jax-cache"))
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  cc.reset_cache()
+  yield
+  del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  jax.config.update("jax_compilation_cache_dir", old)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def small():
+  return data.load("mnist").subset(512)
+
+
+def _mlp(seed=0, weights="twn"):
+  rngs = nnx.Rngs(default=seed, quant=seed + 1000)
+  return tj.models.mlp(tj.QuantConfig(weights=weights), rngs=rngs)
+
+
+def _params(model):
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_loss_decreases_and_files_written(small, tmp_path):
+  config = train.TrainConfig(epochs=3, batch_size=64, lr=3e-3, shift=1)
+  summary = train.train_and_evaluate(config, _mlp(), small, tmp_path / "run")
+  history = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [h["epoch"] for h in history] == [1, 2, 3]
+  assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+  assert summary["test_accuracy"] > 0.5
+  assert 0 < history[-1]["sparsity"] < 1 and history[-1]["lr"] < history[0]["lr"]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["train"]["batch_size"] == 64 and saved["dataset"] == "mnist"
+  assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "3"]
+
+
+def test_deterministic_given_seed(small, tmp_path):
+  config = train.TrainConfig(epochs=1, batch_size=64, shift=2)
+  runs = []
+  for i, seed in enumerate((0, 0, 1)):
+    model = _mlp(seed, weights="stochastic")
+    train.train_and_evaluate(dataclasses.replace(config, seed=seed), model, small,
+                             tmp_path / str(i))
+    runs.append(_params(model))
+  assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1]))
+  assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_run_dir_never_overwritten(small, tmp_path):
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "precious.ckpt").write_text("user data")
+  config = train.TrainConfig(epochs=1, batch_size=256)
+  with pytest.raises(FileExistsError, match="--resume"):
+    train.train_and_evaluate(config, _mlp(), small, run)
+  assert (run / "precious.ckpt").read_text() == "user data"
+  train.train_and_evaluate(config, _mlp(), small, run, overwrite=True)
+  assert not (run / "precious.ckpt").exists()
+  with pytest.raises(ValueError, match="lr"):
+    train.train_and_evaluate(dataclasses.replace(config, lr=0.1), _mlp(), small, run,
+                             resume=True)
+
+
+def test_schedules_and_optimizers():
+  steps = 10
+  c = train.TrainConfig(epochs=4, lr=0.1, warmup_epochs=1)
+  _, sched = train.make_optimizer(c, steps)
+  assert float(sched(0)) == 0 and float(sched(steps)) == pytest.approx(0.1)
+  assert float(sched(4 * steps)) == pytest.approx(0, abs=1e-6)
+  c = train.TrainConfig(epochs=4, lr=0.1, schedule="multistep", milestones=(2, 3), gamma=0.5)
+  _, sched = train.make_optimizer(c, steps)
+  assert [float(sched(s)) for s in (19, 20, 30)] == pytest.approx([0.1, 0.05, 0.025])
+  c = train.TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.5, schedule="constant")
+  tx, _ = train.make_optimizer(c, steps)
+  w = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(w), w)
+  np.testing.assert_allclose(updates["w"], -0.05)  # decay only: -lr·wd·w
+  with pytest.raises(ValueError, match="optimizer"):
+    train.TrainConfig(optimizer="rmsprop")
+
+
+def test_random_shift_translates_each_image():
+  images = jnp.zeros((64, 9, 9, 1)).at[:, 4, 4, 0].set(1.0)
+  out = train.random_shift(images, jax.random.key(0), 2)
+  assert out.shape == images.shape and float(out.sum()) == 64  # nothing falls off
+  ys, xs = np.nonzero(np.asarray(out[..., 0]))[1:]
+  assert np.all(np.abs(ys - 4) <= 2) and np.all(np.abs(xs - 4) <= 2)
+  assert len(set(zip(ys.tolist(), xs.tolist()))) > 10  # per-example offsets
+  assert train.random_shift(images, jax.random.key(0), 0) is images
+
+
+def _cli(out, *extra):
+  return [sys.executable, str(SCRIPT), "--limit", "1024", "--epochs", "4", "--batch-size", "64",
+          "--weights", "stochastic", "--out", str(out), *extra]
+
+
+def _final_params(run, epoch):
+  tree = ocp.StandardCheckpointer().restore((run / "checkpoints" / str(epoch) / "default")
+                                            .absolute())
+  return jax.tree.leaves(tree)
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path):
+  """SIGKILL a run after epoch 2 of 4 (checkpoint 1 is final by then: a save waits for the last),
+  ``--resume`` it: the final parameters equal those of an uninterrupted run bit for bit."""
+  spec = importlib.util.spec_from_file_location("mnist_cli", SCRIPT)
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  cli.main(_cli(tmp_path / "full")[2:])
+
+  proc = subprocess.Popen(_cli(tmp_path / "cut"), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  for line in proc.stdout:
+    if line.startswith("epoch   2/4"):
+      proc.send_signal(signal.SIGKILL)
+      break
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+  done = sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()
+                if p.name.isdigit())
+  assert max(done, default=0) < 4
+  resumed = subprocess.run(_cli(tmp_path / "cut", "--resume"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stdout
+  a, b = _final_params(tmp_path / "full", 4), _final_params(tmp_path / "cut", 4)
+  assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+  metrics = lambda run: [{k: v for k, v in json.loads(l).items() if k != "epoch_time"}
+                         for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert metrics(tmp_path / "full") == metrics(tmp_path / "cut")
