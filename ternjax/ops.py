@@ -17,6 +17,8 @@ is always present, runs everywhere and is the reference.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ternjax.packing import Bitplanes, pack_bitplanes, unpack_bitplanes
+from ternjax.packing import WORD_BITS, Bitplanes, pack_bitplanes, unpack_bitplanes
 
 ENV_VAR = "TERNJAX_IMPLEMENTATION"
 
@@ -72,20 +74,123 @@ def check_operands(x: jax.Array, w: Bitplanes) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# XLA reference implementation
+# XLA implementation
+#
+# All formulations are exact and give the same integers; they differ in speed. On CPU,
+# xla_matmul picks one by shape (the CPU_* thresholds); other backends, where XLA only serves as
+# the fallback and reference next to the kernels, use the plain forms (popcount_matmul,
+# _dot_plain). Activation bitplanes are used as (x_nonzero, x_neg); weight bitplanes as
+# (w_nonzero, w_neg) for one sum, or (w_pos, w_neg) for the two sums of asymmetric scales.
+
+_pc = lambda a: lax.population_count(a).astype(jnp.int32)
+
+
+def _popcount_terms(x, w, two_sums: bool) -> tuple[jax.Array, ...]:
+  """Per-word sums of ``x = (xz, xn)`` times ``w``: ``Σ x·t``, or ``Σ x·[t=+1]``, ``Σ x·[t=−1]``.
+
+  One sum: ``t·x ≠ 0`` on ``z = xz & wz`` and is negative where exactly one sign is, so
+  ``Σ x·t = popc(z) − 2·popc(z & (xn ^ wn))``. Two sums: ``Σ x·[t=±1] = popc(xz & w±) −
+  2·popc(xn & w±)``.
+  """
+  xz, xn = x
+  if two_sums:
+    return tuple(_pc(xz & v) - 2 * _pc(xn & v) for v in w)
+  z = xz & w[0]
+  return (_pc(z) - 2 * _pc(z & (xn ^ w[1])),)
+
+
+def _planes(x: Bitplanes, w: Bitplanes, two_sums: bool):
+  return _x_planes(x), _w_planes(w, two_sums)
+
+
+def _x_planes(x: Bitplanes):
+  return x.pos | x.neg, x.neg
+
+
+def _w_planes(w: Bitplanes, two_sums: bool):
+  return (w.pos, w.neg) if two_sums else (w.pos | w.neg, w.neg)
+
+
+def _pack_activations(x: jax.Array):
+  """``(x_nonzero, x_neg)`` words of ternary codes ``(M, K)``, as ``pack_bitplanes(x, axis=1)``.
+
+  A faster route for the large ``x`` of convolution patches: four int8 codes (``0x01``, ``0xFF``
+  or 0) are read as one uint32, their flag bits (bit 0: nonzero, bit 7: negative) sit at bits
+  0, 8, 16, 24, and multiplying by ``2^28 + 2^21 + 2^14 + 2^7`` gathers them into bits 28–31
+  (the other partial products land below bit 24 or above bit 31, without carries).
+  """
+  m, k = x.shape
+  x = _pad_to(x.astype(jnp.int8), (m, -(-k // WORD_BITS) * WORD_BITS))
+  quads = lax.bitcast_convert_type(x.reshape(m, -1, WORD_BITS // 4, 4), jnp.uint32)
+
+  def pack(flags):
+    nibbles = (flags & 0x01010101) * jnp.uint32(0x10204080) >> 28
+    return sum(nibbles[..., q] << (4 * q) for q in range(WORD_BITS // 4))
+
+  return pack(quads), pack(quads >> 7)
 
 
 def popcount_matmul(x: Bitplanes, w: Bitplanes, two_sums: bool = False):
-  """Reference bitplane GEMM: int32 ``Σ popc(x₊&w₊ | x₋&w₋) − popc(x₊&w₋ | x₋&w₊)``.
+  """Reference bitplane GEMM (broadcast over ``(M, K/32, N)``): int32 ``Σ x·t``.
 
   With ``two_sums`` returns ``(Σ x·[t=+1], Σ x·[t=−1])`` instead of their difference.
   """
-  xp, xn = x.pos[:, :, None], x.neg[:, :, None]
-  wp, wn = w.pos[None], w.neg[None]
-  pc = lambda a: jnp.sum(lax.population_count(a).astype(jnp.int32), axis=1)
-  if two_sums:
-    return pc(xp & wp) - pc(xn & wp), pc(xp & wn) - pc(xn & wn)
-  return pc((xp & wp) | (xn & wn)) - pc((xp & wn) | (xn & wp))
+  xw, ww = _planes(x, w, two_sums)
+  terms = _popcount_terms([a[:, :, None] for a in xw], [a[None] for a in ww], two_sums)
+  accs = tuple(jnp.sum(t, axis=1) for t in terms)
+  return accs if two_sums else accs[0]
+
+
+def _popcount_rows(xw, ww, two_sums):
+  """One row of ``x`` at a time: a column reduction over the words (fast for a few rows)."""
+  def row(xr):
+    return tuple(jnp.sum(t, axis=0)
+                 for t in _popcount_terms([a[:, None] for a in xr], ww, two_sums))
+  return lax.map(row, xw)
+
+
+def _pad_to(a: jax.Array, shape) -> jax.Array:
+  return jnp.pad(a, [(0, s - n) for s, n in zip(shape, a.shape)])
+
+
+def _popcount_tiled(xw, ww, two_sums, k_words: int, n_tile: int):
+  """Blocked bitplane GEMM: a loop over groups of ``k_words`` words of K, unrolled inside.
+
+  Each step is one vectorized elementwise fusion adding ``k_words`` words' popcounts into
+  ``(N/n_tile, M, n_tile)`` accumulators, weights laid out as contiguous ``(k_words, n_tile)``
+  tiles (strided rows alias in L1). Nothing of size ``M·N·K/32`` is materialized. XLA stops
+  vectorizing a fusion of about 100 unrolled words; the loop keeps each one short.
+  """
+  m, kw = xw[0].shape
+  n = ww[0].shape[1]
+  k_words, n_tile = min(k_words, kw), min(n_tile, n)
+  g, t = -(-kw // k_words), -(-n // n_tile)
+  xg = [_pad_to(a, (m, g * k_words)).reshape(m, g, k_words).transpose(1, 0, 2) for a in xw]
+  wg = [_pad_to(a, (g * k_words, t * n_tile)).reshape(g, k_words, t, n_tile)
+        .transpose(0, 2, 1, 3) for a in ww]
+
+  def step(i, accs):
+    xi, wi = [a[i] for a in xg], [a[i] for a in wg]
+    for j in range(k_words):
+      terms = _popcount_terms([a[None, :, j, None] for a in xi], [a[:, None, j] for a in wi],
+                              two_sums)
+      accs = tuple(acc + term for acc, term in zip(accs, terms))
+    return accs
+
+  zeros = jnp.zeros((t, m, n_tile), jnp.int32)
+  accs = lax.fori_loop(0, g, step, (zeros,) * (2 if two_sums else 1))
+  return tuple(a.transpose(1, 0, 2).reshape(m, t * n_tile)[:, :n] for a in accs)
+
+
+def _weight_values(planes, two_sums: bool, dtype, bit: int | None = None):
+  """``(t,)`` or ``([t=+1], [t=−1])`` as ``dtype`` from ``(pos, neg)`` words ``(Kw, N)``.
+
+  All ``32·Kw`` rows, or with ``bit`` the ``Kw`` rows of that bit of each word.
+  """
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32) if bit is None else jnp.uint32(bit)
+  shifts = jnp.reshape(shifts, (-1, 1))
+  pos, neg = (((a[:, None] >> shifts) & 1).reshape(-1, a.shape[1]).astype(dtype) for a in planes)
+  return (pos, neg) if two_sums else (pos - neg,)
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -94,15 +199,104 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
                          preferred_element_type=acc_type)
 
 
+def _dot_plain(x, w: Bitplanes, two_sums: bool):
+  """Unpacks all of ``w`` to ``x.dtype`` and contracts with one dot."""
+  t = unpack_bitplanes(w, x.dtype)
+  return (_dot(x, t == 1), _dot(x, t == -1)) if two_sums else (_dot(x, t),)
+
+
+def _dot_blocked(x, w: Bitplanes, two_sums: bool, k_words: int, select: bool):
+  """Float32 ``x`` by ternary ``w``, unpacking ``32·k_words`` rows of ``w`` per loop step.
+
+  The unpacked block stays in cache (all of ``w`` unpacked to float32 is 16× its packed size).
+  Each step is a dot, or with ``select`` multiply-adds of single unpacked rows fused into one
+  elementwise loop (for a few rows of ``x``, where a dot is bound by reading its weights).
+  """
+  m = x.shape[0]
+  kw, n = w.pos.shape
+  k_words = min(k_words, kw)
+  g = -(-kw // k_words)
+  xg = _pad_to(x, (m, g * k_words * WORD_BITS)).reshape(m, g, -1).transpose(1, 0, 2)
+  wg = [_pad_to(a, (g * k_words, n)).reshape(g, k_words, n) for a in (w.pos, w.neg)]
+
+  def step(i, accs):
+    xi, planes = xg[i], [a[i] for a in wg]
+    if not select:
+      return tuple(acc + _dot(xi, v)
+                   for acc, v in zip(accs, _weight_values(planes, two_sums, jnp.float32)))
+    for r in range(xi.shape[1]):
+      row = [a[r // WORD_BITS, None] for a in planes]
+      values = _weight_values(row, two_sums, jnp.float32, bit=r % WORD_BITS)
+      accs = tuple(acc + xi[:, r, None] * v for acc, v in zip(accs, values))
+    return accs
+
+  zeros = jnp.zeros((m, n), jnp.float32)
+  return lax.fori_loop(0, g, step, (zeros,) * (2 if two_sums else 1))
+
+
+def _float_exact(dtype, k: int) -> bool:
+  """Whether sums of ``k`` products of ``dtype`` integers and trits are exact in float32.
+
+  float32 holds every integer of magnitude up to 2^24, so ``K·max|x| ≤ 2^24`` suffices.
+  """
+  info = jnp.iinfo(dtype)
+  return k * max(-int(info.min), int(info.max)) <= 2 ** 24
+
+
+_FLOAT32_EXACT = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# CPU formulation by shape, from `experiments/bench_cpu.py --sweep` (each formulation timed at
+# M = 1..32 on 784×256 and 4096×4096; experiments/results/bench_cpu.md) on the 2-core AMD EPYC
+# (Zen 4, AVX-512 VPOPCNTDQ) dev VM at load ≈ 1–1.4 (shared: differences under ~20 % are noise).
+# Ternary x, 4096²: rows 0.95 / 1.47 ms at M = 1 / 2 vs tiles 2.78 / 1.84; even at M = 4 (1.70
+# vs 1.61 ms); tiles ahead above (1.9× at M = 32). On 784×256 all are ≈ 0.13–0.3 ms. Tiles of
+# 32 words × 128 columns (ahead of 16 / 64 words and 64 / 256 / 512 columns, tried by hand).
+CPU_POPCOUNT_ROWS_MAX_M = 2
+CPU_POPCOUNT_TILE = dict(k_words=32, n_tile=128)
+# int / float x: one dot when w unpacked to float32 fits 4 MiB (784×256: within noise of the
+# others; conv layers: patches of up to 10^5 rows × a small w); larger w: single-row
+# multiply-adds at M ≤ 2 (4096²: 3.5 / 4.8 ms at M = 1 / 2 vs 7.4 / 6.7 ms for blocked dots;
+# even at M = 4, behind from M = 8), dots of 256-row unpacked blocks above (4096², M = 8: 8.8 ms
+# vs 35 ms for one dot of all of w unpacked).
+CPU_DOT_PLAIN_MAX_BYTES = 4 << 20
+CPU_SELECT_MAX_M = 2
+CPU_SELECT_K_WORDS = 1
+CPU_DOT_K_WORDS = 8
+
+
+@functools.partial(jax.jit, static_argnames="x_ternary")
 def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg=None):
-  """The XLA implementation (and reference) of :func:`ternary_matmul`."""
+  """The XLA implementation (and reference) of :func:`ternary_matmul` (jitted: eager calls
+  compile once per shape rather than op by op).
+
+  On CPU, integer ``x`` is contracted in float32 where that is exact (:func:`_float_exact`),
+  and so are float16 / bfloat16 ``x`` (products with trits are exact; float32 accumulation).
+  """
   two_sums = w_scale_neg is not None
-  if x_ternary:
+  m, k = x.shape
+  cpu = jax.default_backend() == "cpu"
+  integer = jnp.issubdtype(x.dtype, jnp.integer)
+  if x_ternary and not cpu:
     accs = popcount_matmul(pack_bitplanes(x, axis=1), w, two_sums)
     accs = accs if two_sums else (accs,)
+  elif x_ternary:
+    xw, ww = _pack_activations(x), _w_planes(w, two_sums)
+    if m <= CPU_POPCOUNT_ROWS_MAX_M:
+      accs = _popcount_rows(xw, ww, two_sums)
+    else:
+      accs = _popcount_tiled(xw, ww, two_sums, **CPU_POPCOUNT_TILE)
+  elif not cpu or not (_float_exact(x.dtype, k) if integer else x.dtype in _FLOAT32_EXACT):
+    accs = _dot_plain(x, w, two_sums)
   else:
-    t = unpack_bitplanes(w, x.dtype)
-    accs = (_dot(x, t == 1), _dot(x, t == -1)) if two_sums else (_dot(x, t),)
+    xf = x.astype(jnp.float32)
+    if 4 * k * w.pos.shape[1] <= CPU_DOT_PLAIN_MAX_BYTES:
+      accs = _dot_plain(xf, w, two_sums)
+    elif m <= CPU_SELECT_MAX_M:
+      accs = _dot_blocked(xf, w, two_sums, CPU_SELECT_K_WORDS, select=True)
+    else:
+      accs = _dot_blocked(xf, w, two_sums, CPU_DOT_K_WORDS, select=False)
+    if integer:
+      accs = tuple(a.astype(jnp.int32) for a in accs)
   return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
 
 
@@ -156,16 +350,51 @@ def ternary_matmul(x: jax.Array, w: Bitplanes, *, x_ternary: bool = False, x_sca
   raise NotImplementedError("no implementation handles this call: " + "; ".join(errors))
 
 
+def _window_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding,
+                    rhs_dilation: Sequence[int] | None = None) -> jax.Array:
+  """Patches of an NHWC input, ``(N, H', W', kh·kw·C)`` in (kh, kw, C) order.
+
+  One strided slice per window offset, concatenated along channels: data movement only (exact
+  for every dtype, ``M·K`` work where ``lax.conv_general_dilated_patches``, a convolution with
+  an identity kernel, does ``M·K²``), and the order that copies channel runs whole.
+  """
+  spatial = x.shape[1:-1]
+  dilation = tuple(rhs_dilation or (1,) * len(window))
+  span = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+  pads = (lax.padtype_to_pads(spatial, span, strides, padding) if isinstance(padding, str)
+          else [tuple(p) for p in padding])
+  x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  out = [(n - s) // st + 1 for n, s, st in zip(x.shape[1:-1], span, strides)]
+  patches = []
+  for offset in itertools.product(*map(range, window)):
+    start = [o * d for o, d in zip(offset, dilation)]
+    limit = [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides)]
+    patches.append(lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
+                             (1, *strides, 1)))
+  return jnp.concatenate(patches, axis=-1)
+
+
+def _c_major(patches: jax.Array, channels: int) -> jax.Array:
+  """Window-major patches reordered to (C, kh, kw)."""
+  shape = patches.shape[:-1]
+  return jnp.swapaxes(patches.reshape(*shape, -1, channels), -1, -2).reshape(*shape, -1)
+
+
 def conv_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding,
                  rhs_dilation: Sequence[int] | None = None) -> jax.Array:
-  """Patches of an NHWC input, ``(N, H', W', C·kh·kw)`` in (C, kh, kw) order (exact for ints)."""
-  ndim = len(window)
-  spatial = "HWD"[:ndim]
-  dn = ("N" + spatial + "C", "OI" + spatial, "N" + spatial + "C")
-  patches = lax.conv_general_dilated_patches(
-      x.astype(jnp.float32), tuple(window), tuple(strides), padding,
-      rhs_dilation=rhs_dilation, dimension_numbers=dn)
-  return patches.astype(x.dtype)
+  """Patches of an NHWC input, ``(N, H', W', C·kh·kw)`` in (C, kh, kw) order (exact)."""
+  return _c_major(_window_patches(x, window, strides, padding, rhs_dilation), x.shape[-1])
+
+
+def _window_major(w: Bitplanes, channels: int) -> Bitplanes:
+  """Rows of a :func:`kernel_to_matrix` matrix reordered from (C, *window) to (*window, C)."""
+  t = unpack_bitplanes(w).reshape(channels, -1, w.pos.shape[1])
+  return pack_bitplanes(jnp.swapaxes(t, 0, 1).reshape(w.length, -1), axis=0)
+
+
+# ternary_conv reorders the patches (not the weights) up to M = this × N rows (measured with
+# LeNet-5's convolutions at batch 1 and 256, experiments/bench_cpu.py).
+CONV_REORDER_PATCHES_MAX_M = 64
 
 
 def kernel_to_matrix(kernel: jax.Array) -> jax.Array:
@@ -184,9 +413,16 @@ def ternary_conv(x: jax.Array, w: Bitplanes, *, window: Sequence[int],
   (broadcastable to ``(N, 1, ..., 1)``) or scalar.
   """
   strides = strides or (1,) * len(window)
-  patches = conv_patches(x, window, strides, padding, rhs_dilation)
+  patches = _window_patches(x, window, strides, padding, rhs_dilation)
   out_spatial = patches.shape[:-1]
   rows = patches.reshape(-1, patches.shape[-1])
+  check_operands(rows, w)
+  # Window-major patches are cheaper to build than (C, kh, kw) ones, so where the patches are
+  # large next to the weights, the weight rows are reordered to match; else the patches.
+  if x.shape[-1] > 1 and rows.shape[0] <= CONV_REORDER_PATCHES_MAX_M * w.pos.shape[1]:
+    rows = _c_major(patches, x.shape[-1]).reshape(rows.shape)
+  elif x.shape[-1] > 1:
+    w = _window_major(w, x.shape[-1])
   if x_scale is not None and jnp.ndim(x_scale) > 0:
     x_scale = jnp.broadcast_to(jnp.reshape(x_scale, (-1,) + (1,) * (len(out_spatial) - 1)),
                                out_spatial).reshape(-1, 1)
