@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from ternjax import ops, packing
 from ternjax import quantizers as q
 
 WEIGHT_METHODS = ("fp", "twn", "ttq", "stochastic")
@@ -37,6 +38,8 @@ class QuantConfig:
   activations: str = "none"      # input quantization: 'none' | 'ternary' | 'int8'
   act_threshold: float = 0.5     # ternary activation: t = sign(x)·[|x| > act_threshold·s]
   act_scale_init: float = 1.0    # initial learned activation scale s
+  kernel_forward: bool = False   # fully ternary (twn/ttq + ternary inputs): forward through
+  #                                ops.ternary_matmul / ternary_conv on codes, STE backward
 
   def __post_init__(self):
     if self.weights not in WEIGHT_METHODS:
@@ -46,6 +49,10 @@ class QuantConfig:
           f"activations must be one of {ACTIVATION_METHODS}, got {self.activations!r}")
     if self.ste not in q.STE_MODES:
       raise ValueError(f"ste must be one of {q.STE_MODES}, got {self.ste!r}")
+    if self.kernel_forward and (self.weights not in ("twn", "ttq")
+                                or self.activations != "ternary"):
+      raise ValueError("kernel_forward needs weights 'twn' or 'ttq' and activations 'ternary', "
+                       f"got {self.weights=} {self.activations=}")
     for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -133,20 +140,64 @@ class TernaryOperands(nnx.Module):
       return q.int8_codes(x)
     return x, None
 
+  # --- kernel forward (QuantConfig.kernel_forward; GPU-kernels helper) -----------------------
+  def kernel_forward(self, x, kernel, contract, packed_contract):
+    """``packed_contract(codes, x_scale, t, w_scale, w_scale_neg)`` forward, STE backward.
+
+    The forward is the packed inference op (the dispatch's kernels on a GPU, so it equals the
+    ``'xla'`` implementation's integers); the backward is ``jax.vjp`` of the float forward
+    ``contract(inputs(x), weights(kernel))``, as without ``kernel_forward``.
+    """
+    graphdef, state = nnx.split(self)
+
+    def float_forward(x, kernel, state):
+      m = nnx.merge(graphdef, state)
+      return contract(m.inputs(x), m.weights(kernel))
+
+    def packed_forward(x, kernel, state):
+      m = nnx.merge(graphdef, state)
+      return packed_contract(*m.input_codes(x), *m.weight_codes(kernel))
+
+    f = jax.custom_vjp(packed_forward)
+    f.defvjp(lambda *a: (packed_forward(*a), a), lambda a, g: jax.vjp(float_forward, *a)[1](g))
+    return f(x, kernel, state)
+  # --- end kernel forward ----------------------------------------------------------------------
+
 
 class TernaryDotGeneral(TernaryOperands):
   """Drop-in ``dot_general`` for ``nnx.Linear`` that quantizes both operands."""
 
   def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
-    return lax.dot_general(self.inputs(x), self.weights(kernel), dimension_numbers,
-                           precision=precision, **kwargs)
+    contract = lambda a, b: lax.dot_general(a, b, dimension_numbers, precision=precision,
+                                            **kwargs)
+    if self.config.kernel_forward:
+      def packed(codes, xs, t, ws, wsn):
+        out = ops.ternary_matmul(codes.reshape(-1, codes.shape[-1]),
+                                 packing.pack_bitplanes(t, axis=0), x_ternary=True,
+                                 x_scale=xs, w_scale=ws, w_scale_neg=wsn)
+        return out.reshape(*codes.shape[:-1], -1)
+      return self.kernel_forward(x, kernel, contract, packed)
+    return contract(self.inputs(x), self.weights(kernel))
 
 
 class TernaryConvGeneral(TernaryOperands):
   """Drop-in ``conv_general_dilated`` for ``nnx.Conv`` that quantizes both operands."""
 
-  def __call__(self, x, kernel, *args, **kwargs):
-    return lax.conv_general_dilated(self.inputs(x), self.weights(kernel), *args, **kwargs)
+  def __call__(self, x, kernel, window_strides, padding, *args, **kwargs):
+    contract = lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, *args,
+                                                     **kwargs)
+    if self.config.kernel_forward:
+      if args or kwargs.get("feature_group_count", 1) != 1 or any(
+          d != 1 for d in kwargs.get("lhs_dilation") or ()):
+        raise NotImplementedError("kernel_forward convs: no groups or input dilation")
+      def packed(codes, xs, t, ws, wsn):
+        return ops.ternary_conv(
+            codes, packing.pack_bitplanes(ops.kernel_to_matrix(t), axis=0),
+            window=t.shape[:-2], strides=window_strides, padding=padding,
+            rhs_dilation=kwargs.get("rhs_dilation"), x_ternary=True, x_scale=xs, w_scale=ws,
+            w_scale_neg=wsn)
+      return self.kernel_forward(x, kernel, contract, packed)
+    return contract(self.inputs(x), self.weights(kernel))
 
 
 class TernaryLinear(nnx.Linear):

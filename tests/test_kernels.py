@@ -1,0 +1,162 @@
+"""GPU kernels equal the XLA reference: Pallas in interpret mode on CPU, jax-triton on a GPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ternjax import kernels, ops, packing
+from ternjax.kernels import BlockSizes, ternary_matmul_pallas
+
+ON_GPU = jax.default_backend() == "gpu"
+# M = 1, K not a multiple of 32, N not a multiple of the block; small: interpret mode is slow.
+SHAPES = [(1, 100, 33), (5, 70, 17), (17, 64, 40)]
+CONFIGS = [  # grids of more than one program along M, N and K (split_k)
+    BlockSizes(kernel="popcount", block_m=2, block_n=16, block_k=1, split_k=2),
+    BlockSizes(kernel="dot", block_m=16, block_n=16, block_k=1, split_k=2),
+    BlockSizes(kernel="dot", block_m=16, block_n=32, block_k=2),
+]
+
+
+def _operands(m, k, n, seed):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.integers(-1, 2, (m, k)), jnp.int8)
+  t = jnp.asarray(rng.integers(-1, 2, (k, n)), jnp.int8)
+  x8 = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+  scales = jnp.asarray(rng.random((2, n)), jnp.float32)
+  return x, packing.pack_bitplanes(t, axis=0), x8, scales
+
+
+def _check(matmul, m, k, n, bs, seed):
+  x, w, x8, (ws, wsn) = _operands(m, k, n, seed)
+  out = matmul(x, w, x_ternary=True, block_sizes=bs)
+  assert out.dtype == jnp.int32
+  np.testing.assert_array_equal(out, ops.xla_matmul(x, w, x_ternary=True))
+  # TTQ: the two integer sums are exact; the float epilogue may round an FMA differently.
+  np.testing.assert_allclose(
+      matmul(x, w, x_ternary=True, w_scale=ws, w_scale_neg=wsn, block_sizes=bs),
+      ops.xla_matmul(x, w, x_ternary=True, w_scale=ws, w_scale_neg=wsn), rtol=1e-6, atol=1e-5)
+  if bs is None or bs.kernel == "dot":
+    np.testing.assert_array_equal(matmul(x8, w, block_sizes=bs), ops.xla_matmul(x8, w))
+
+
+# M = 1 with every configuration; the other shapes with one each (interpret mode is slow).
+INTERPRET_CASES = [(SHAPES[0], bs) for bs in CONFIGS] + [(SHAPES[1], CONFIGS[0]),
+                                                         (SHAPES[2], CONFIGS[1])]
+
+
+@pytest.mark.parametrize("shape,bs", INTERPRET_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else f"{v.kernel}-s{v.split_k}-k{v.block_k}")
+def test_pallas_interpret_exact(shape, bs):
+  m, k, n = shape
+  matmul = functools.partial(ternary_matmul_pallas.ternary_matmul, interpret=True)
+  _check(matmul, m, k, n, bs, seed=m * 100 + k)
+
+
+def test_pallas_two_sums_are_the_reference_integers():
+  x, w, _, _ = _operands(9, 77, 21, 3)
+  xb = packing.pack_bitplanes(x, axis=1)
+  planes = [kernels.common.as_int32(a) for a in (xb.pos, xb.neg, w.pos, w.neg)]
+  got = ternary_matmul_pallas.popcount_matmul(
+      *planes, two_sums=True, interpret=True,
+      block_sizes=BlockSizes(kernel="popcount", block_m=4, block_n=8, block_k=1, split_k=2))
+  for a, b in zip(got, ops.popcount_matmul(xb, w, two_sums=True)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_pallas_bf16_activations():
+  _, w, _, _ = _operands(3, 45, 20, 4)
+  x = jax.random.normal(jax.random.key(0), (3, 45), jnp.bfloat16)
+  out = ternary_matmul_pallas.ternary_matmul(x, w, interpret=True, block_sizes=CONFIGS[2])
+  np.testing.assert_allclose(out, ops.xla_matmul(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_block_sizes_validation_and_defaults():
+  with pytest.raises(ValueError, match="block_n"):
+    BlockSizes(block_n=100)
+  with pytest.raises(ValueError, match="block_m"):
+    BlockSizes(kernel="dot", block_m=8)
+  assert BlockSizes.get_default(1, 4096, 4096, x_ternary=True).kernel == "popcount"
+  assert BlockSizes.get_default(4096, 4096, 4096, x_ternary=True).kernel == "dot"
+  assert BlockSizes.get_default(1, 4096, 4096, x_ternary=False, integer=False).split_k == 1
+
+
+def test_unsupported_inputs_raise():
+  x, w, _, _ = _operands(2, 40, 8, 5)
+  matmul = functools.partial(ternary_matmul_pallas.ternary_matmul, interpret=True)
+  with pytest.raises(NotImplementedError, match="int8"):
+    matmul(x.astype(jnp.int32), w)
+  with pytest.raises(ValueError, match="x_ternary"):
+    matmul(x, w, block_sizes=BlockSizes(kernel="popcount", block_m=2))
+  with pytest.raises(ValueError, match="split_k"):
+    matmul(x.astype(jnp.float32), w, block_sizes=BlockSizes(block_m=16, split_k=2))
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU fallback")
+def test_dispatch_falls_through_to_xla_on_cpu():
+  assert {"pallas", "gpu"} <= set(ops.IMPLEMENTATIONS)
+  x, w, _, _ = _operands(4, 50, 9, 6)
+  np.testing.assert_array_equal(
+      ops.ternary_matmul(x, w, x_ternary=True, implementation="pallas,xla"),
+      ops.xla_matmul(x, w, x_ternary=True))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernels need a GPU")
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("bs", [None] + CONFIGS)
+@pytest.mark.parametrize("m,k,n", SHAPES + [(300, 4000, 517)])
+def test_gpu_kernels_exact(backend, m, k, n, bs):
+  module = getattr(kernels, f"ternary_matmul_{backend}")
+  if module is None:
+    pytest.skip(f"{backend} is not available (jax-triton needs a GPU jax and triton)")
+  _check(module.ternary_matmul, m, k, n, bs, seed=m + k + n)
+
+
+# Kernel forward in the layers: forward = packed op through the dispatch, backward = STE.
+ops.register("pallas_interpret",
+             functools.partial(ternary_matmul_pallas.ternary_matmul, interpret=True))
+
+
+def _layer(kind, weights, kernel_forward):
+  from flax import nnx
+  import ternjax as tj
+  quant = tj.QuantConfig(weights=weights, activations="ternary", kernel_forward=kernel_forward)
+  if kind == "linear":
+    return tj.TernaryLinear(37, 20, quant=quant, rngs=nnx.Rngs(0))
+  return tj.TernaryConv(3, 5, (3, 3), strides=2, quant=quant, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret"] + (["pallas", "triton"] if ON_GPU else []))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("weights", ["twn", "ttq"])
+def test_kernel_forward_layers(kind, weights, impl, monkeypatch):
+  if impl not in ops.IMPLEMENTATIONS:
+    pytest.skip(f"{impl} is not available here")
+  x = jax.random.normal(jax.random.key(1), (3, 37) if kind == "linear" else (2, 7, 6, 3))
+  layer, reference = _layer(kind, weights, True), _layer(kind, weights, False)
+  monkeypatch.setenv(ops.ENV_VAR, "xla")
+  xla_out = layer(x)
+  monkeypatch.setenv(ops.ENV_VAR, impl)
+  kernel_out = layer(x)
+  if weights == "twn":  # no subtraction in the epilogue: the same floats exactly
+    np.testing.assert_array_equal(kernel_out, xla_out)
+  else:
+    np.testing.assert_allclose(kernel_out, xla_out, rtol=1e-6, atol=1e-6)
+  monkeypatch.setenv(ops.ENV_VAR, "xla")
+  from flax import nnx
+  loss = lambda model: jnp.sum(model(x) ** 2)
+  with jax.default_matmul_precision("float32"):  # no TF32 in the float reference on GPUs
+    # The float forward it replaces: equal up to float rounding of the scales.
+    np.testing.assert_allclose(kernel_out, reference(x), rtol=1e-5, atol=1e-5)
+    grads, ref_grads = nnx.grad(loss)(layer), nnx.grad(loss)(reference)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_forward_needs_fully_ternary_layers():
+  import ternjax as tj
+  with pytest.raises(ValueError, match="kernel_forward"):
+    tj.QuantConfig(weights="twn", activations="int8", kernel_forward=True)
