@@ -1,11 +1,33 @@
-"""ternjax: ternary neural networks ({-1, 0, +1} weights and activations) in JAX and Flax NNX."""
+"""ternjax: ternary neural networks ({-1, 0, +1} weights and activations) in JAX and Flax NNX.
 
-from ternjax import ops, packing, quantizers
-from ternjax import models
-from ternjax.layers import (QuantConfig, Summary, TernaryConv, TernaryConvGeneral,
-                            TernaryDotGeneral, TernaryLinear, TernaryOperands, summary)
-from ternjax.ops import ternary_conv, ternary_matmul
-from ternjax.packing import (Bitplanes, pack_bitplanes, pack_codes, unpack_bitplanes,
-                             unpack_codes)
+Public names are imported on first use (PEP 562), so that ``ternjax.runtime_numpy`` runs an
+export with NumPy alone, without importing JAX.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("data", "export", "layers", "models", "ops", "packing", "predict", "quantizers",
+               "runtime_numpy", "train")
+_NAMES = {
+    "ternjax.layers": ("QuantConfig", "Summary", "TernaryConv", "TernaryConvGeneral",
+                       "TernaryDotGeneral", "TernaryLinear", "TernaryOperands", "summary"),
+    "ternjax.ops": ("ternary_conv", "ternary_matmul"),
+    "ternjax.packing": ("Bitplanes", "pack_bitplanes", "pack_codes", "unpack_bitplanes",
+                        "unpack_codes"),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+__all__ = [*_SUBMODULES, *_MODULE_OF]
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"ternjax.{name}")
+  if name in _MODULE_OF:
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+  raise AttributeError(f"module 'ternjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(__all__ + ["__version__"])

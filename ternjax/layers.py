@@ -38,8 +38,8 @@ class QuantConfig:
   activations: str = "none"      # input quantization: 'none' | 'ternary' | 'int8'
   act_threshold: float = 0.5     # ternary activation: t = sign(x)·[|x| > act_threshold·s]
   act_scale_init: float = 1.0    # initial learned activation scale s
-  kernel_forward: bool = False   # fully ternary (twn/ttq + ternary inputs): forward through
-  #                                ops.ternary_matmul / ternary_conv on codes, STE backward
+  kernel_forward: bool = False   # twn/ttq weights + ternary inputs only: forward through
+                                 # ops.ternary_matmul / ternary_conv on codes, STE backward
 
   def __post_init__(self):
     if self.weights not in WEIGHT_METHODS:
@@ -140,7 +140,6 @@ class TernaryOperands(nnx.Module):
       return q.int8_codes(x)
     return x, None
 
-  # --- kernel forward (QuantConfig.kernel_forward; GPU-kernels helper) -----------------------
   def kernel_forward(self, x, kernel, contract, packed_contract):
     """``packed_contract(codes, x_scale, t, w_scale, w_scale_neg)`` forward, STE backward.
 
@@ -161,7 +160,6 @@ class TernaryOperands(nnx.Module):
     f = jax.custom_vjp(packed_forward)
     f.defvjp(lambda *a: (packed_forward(*a), a), lambda a, g: jax.vjp(float_forward, *a)[1](g))
     return f(x, kernel, state)
-  # --- end kernel forward ----------------------------------------------------------------------
 
 
 class TernaryDotGeneral(TernaryOperands):

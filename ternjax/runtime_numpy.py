@@ -9,9 +9,9 @@ in the same order as :func:`ternjax.ops.epilogue`, so predictions equal the JAX 
 >>> net = load("exports/mnist-lenet5")             # doctest: +SKIP
 >>> logits = net(images)                           # doctest: +SKIP
 
-The file is self-contained (NumPy, TensorStore and the standard library): to deploy without
-JAX, copy it next to the application, since ``import ternjax.runtime_numpy`` first runs the
-``ternjax`` package, which imports JAX.
+It needs NumPy, TensorStore and the standard library only: ``from ternjax import
+runtime_numpy`` imports no JAX (the package imports its other modules lazily), and the file can
+also be copied next to an application on its own.
 
 This module is also where the format is checked (version, architecture, checksums): the JAX
 loader reuses those checks, so both runtimes accept and refuse the same exports.

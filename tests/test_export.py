@@ -242,9 +242,8 @@ class Block:
     if name == "jax" or name.startswith(("jax.", "jaxlib", "flax", "orbax")):
       raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
-import importlib.util, numpy as np
-spec = importlib.util.spec_from_file_location("rt", {str(ROOT / "ternjax/runtime_numpy.py")!r})
-rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+import numpy as np
+from ternjax import runtime_numpy as rt
 np.save({str(tmp_path / "out.npy")!r}, rt.load({str(path)!r})(np.load({str(tmp_path / "x.npy")!r})))
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax")))
 """

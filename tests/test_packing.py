@@ -13,7 +13,7 @@ def _ternary(shape, seed):
   return np.random.default_rng(seed).integers(-1, 2, shape).astype(np.int8)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
 def test_bitplanes_round_trip(shape, seed, axis_pick):
   t = _ternary(shape, seed)
@@ -25,7 +25,7 @@ def test_bitplanes_round_trip(shape, seed, axis_pick):
   assert not np.any(np.asarray(b.pos) & np.asarray(b.neg))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
 def test_codes_round_trip(shape, seed, axis_pick):
   t = _ternary(shape, seed)
