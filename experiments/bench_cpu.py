@@ -100,11 +100,12 @@ def micro(reps: int, m_values, kn_values) -> list[dict]:
   return rows
 
 
-def sweep(reps: int, m_values=(1, 2, 4, 8, 16, 32)) -> list[dict]:
+def sweep(reps: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
   """Times each CPU formulation of :func:`ternjax.ops.xla_matmul` directly (the thresholds)."""
   rng = np.random.default_rng(2)
   popcount = {
-      "popcount rows": lambda xb, w: ops._popcount_rows(*ops._planes(xb, w, False), False),
+      "popcount broadcast": lambda xb, w: ops._popcount_broadcast(*ops._planes(xb, w, False),
+                                                                  False),
       "popcount tiled": lambda xb, w: ops._popcount_tiled(*ops._planes(xb, w, False), False,
                                                           **ops.CPU_POPCOUNT_TILE),
   }
@@ -125,12 +126,45 @@ def sweep(reps: int, m_values=(1, 2, 4, 8, 16, 32)) -> list[dict]:
         fns[name], args[name] = jax.jit(fn), (xb, w)
       for name, fn in dot.items():
         fns[name], args[name] = jax.jit(fn), (jnp.asarray(xt, jnp.float32), w)
+      fns["dot plain int8"], args["dot plain int8"] = jax.jit(dot["dot plain"]), (xt, w)
       secs = time_interleaved(fns, args, reps)
       for name, s in secs.items():
         rows.append(dict(m=m, k=k, n=n, impl=name, median_us=s * 1e6,
                          vs_float32=secs["float32 dot"] / s))
       print(f"M={m:4d} K={k:5d} N={n:5d}  " + "  ".join(
           f"{name} {s * 1e3:.3f} ms" for name, s in secs.items()), flush=True)
+  return rows
+
+
+def conv_sweep(reps: int, batches=(1, 4, 16, 64)) -> list[dict]:
+  """Times the convolutions of ternary activations for LeNet-5's second conv (the
+  ``CPU_CONV_*`` thresholds): channel-packed popcount, float32 conv, patches + popcount."""
+  rng = np.random.default_rng(3)
+  geometry = dict(window=(5, 5), strides=(1, 1), padding="VALID", rhs_dilation=(1, 1))
+  kernel = jnp.asarray(rng.integers(-1, 2, (5, 5, 32, 64)).astype(np.int8))
+  w = packing.pack_bitplanes(ops.kernel_to_matrix(kernel), axis=0)
+  fns = {
+      "conv channel-packed": lambda x, w: ops._conv_popcount(x, w, *geometry.values(),
+                                                             False)[0],
+      "conv float32": lambda x, w: ops.xla_conv(x.astype(jnp.float32), w, **geometry),
+      "conv patches": lambda x, w: ops._patches_conv(
+          x, w, implementation="xla", x_ternary=True, x_scale=None, w_scale=None,
+          w_scale_neg=None, **geometry),
+  }
+  fns = {name: jax.jit(fn) for name, fn in fns.items()}
+  rows = []
+  for batch in batches:
+    x = jnp.asarray(rng.integers(-1, 2, (batch, 12, 12, 32)).astype(np.int8))
+    ref = jax.lax.conv_general_dilated(x.astype(jnp.int32), kernel.astype(jnp.int32), (1, 1),
+                                       "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    for fn in fns.values():
+      np.testing.assert_array_equal(np.asarray(fn(x, w)).astype(np.int32), ref)
+    secs = time_interleaved(fns, {name: (x, w) for name in fns}, reps)
+    base = secs["conv float32"]
+    for name, s in secs.items():
+      rows.append(dict(batch=batch, impl=name, median_us=s * 1e6, vs_float32=base / s))
+    print(f"conv batch {batch:3d}  " + "  ".join(
+        f"{name} {s * 1e3:.3f} ms" for name, s in secs.items()), flush=True)
   return rows
 
 
@@ -190,8 +224,9 @@ def main(argv=None):
   parser.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="rows of x")
   parser.add_argument("--skip-end-to-end", action="store_true")
   parser.add_argument("--sweep", action="store_true",
-                      help="also time each formulation of the XLA implementation for small M "
-                           "(where the thresholds in ternjax/ops.py come from)")
+                      help="also time each formulation of the XLA implementation for small M, "
+                           "and its convolutions of ternary activations (where the thresholds "
+                           "in ternjax/ops.py come from)")
   parser.add_argument("--out", help="JSON output path")
   args = parser.parse_args(argv)
   if args.reps < 1 or min(args.m) < 1:
@@ -201,16 +236,18 @@ def main(argv=None):
   micro_rows = micro(args.reps, args.m, KN_VALUES)
   e2e_rows = [] if args.skip_end_to_end else end_to_end(args.reps)
   sweep_rows = sweep(args.reps) if args.sweep else []
+  conv_rows = conv_sweep(args.reps) if args.sweep else []
   info["load_average_after"] = os.getloadavg()
   print("\n" + table(micro_rows, ("m", "k", "n")))
   if e2e_rows:
     print("\n" + table(e2e_rows, ("model", "batch")))
   if sweep_rows:
     print("\n" + table(sweep_rows, ("m", "k", "n")))
+    print("\n" + table(conv_rows, ("batch",)))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(machine=info, reps=args.reps, micro=micro_rows, end_to_end=e2e_rows,
-                     sweep=sweep_rows), f, indent=1)
+                     sweep=sweep_rows, conv_sweep=conv_rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -32,13 +33,20 @@ ENV_VAR = "TERNJAX_IMPLEMENTATION"
 
 # name -> fn(x, w, *, x_ternary, x_scale, w_scale, w_scale_neg) -> array
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {}
+# name -> conv fn(x, w, *, window, strides, padding, rhs_dilation, x_ternary, scales) -> array,
+# for implementations with a direct convolution (else ternary_conv uses patches + matmul)
+CONVOLUTIONS: dict[str, Callable[..., jax.Array]] = {}
 # backend -> implementation names tried in order when none is requested
 DEFAULTS: dict[str, tuple[str, ...]] = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 
 
-def register(name: str, fn: Callable[..., jax.Array], *, backends: Sequence[str] = ()) -> None:
-  """Registers an implementation; it is put first in the defaults of ``backends``."""
+def register(name: str, fn: Callable[..., jax.Array], *, backends: Sequence[str] = (),
+             conv: Callable[..., jax.Array] | None = None) -> None:
+  """Registers an implementation (and optionally its direct convolution); it is put first in
+  the defaults of ``backends``."""
   IMPLEMENTATIONS[name] = fn
+  if conv is not None:
+    CONVOLUTIONS[name] = conv
   for backend in backends:
     DEFAULTS[backend] = (name,) + tuple(n for n in DEFAULTS.get(backend, ()) if n != name)
 
@@ -131,22 +139,19 @@ def _pack_activations(x: jax.Array):
 
 
 def popcount_matmul(x: Bitplanes, w: Bitplanes, two_sums: bool = False):
-  """Reference bitplane GEMM (broadcast over ``(M, K/32, N)``): int32 ``Σ x·t``.
-
-  With ``two_sums`` returns ``(Σ x·[t=+1], Σ x·[t=−1])`` instead of their difference.
-  """
-  xw, ww = _planes(x, w, two_sums)
-  terms = _popcount_terms([a[:, :, None] for a in xw], [a[None] for a in ww], two_sums)
-  accs = tuple(jnp.sum(t, axis=1) for t in terms)
+  """Reference bitplane GEMM: int32 ``Σ x·t`` (with ``two_sums``, ``(Σ x·[t=+1], Σ x·[t=−1])``)."""
+  accs = _popcount_broadcast(*_planes(x, w, two_sums), two_sums)
   return accs if two_sums else accs[0]
 
 
-def _popcount_rows(xw, ww, two_sums):
-  """One row of ``x`` at a time: a column reduction over the words (fast for a few rows)."""
-  def row(xr):
-    return tuple(jnp.sum(t, axis=0)
-                 for t in _popcount_terms([a[:, None] for a in xr], ww, two_sums))
-  return lax.map(row, xw)
+def _popcount_broadcast(xw, ww, two_sums):
+  """Broadcast over ``(M, K/32, N)``, reduced over the words: one fused reduction.
+
+  Nothing of that size is materialized; for one or two rows it streams the weights once at
+  memory speed, for more it recomputes too much per weight word (see :func:`_popcount_tiled`).
+  """
+  terms = _popcount_terms([a[:, :, None] for a in xw], [a[None] for a in ww], two_sums)
+  return tuple(jnp.sum(t, axis=1) for t in terms)
 
 
 def _pad_to(a: jax.Array, shape) -> jax.Array:
@@ -200,9 +205,10 @@ def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _dot_plain(x, w: Bitplanes, two_sums: bool):
-  """Unpacks all of ``w`` to ``x.dtype`` and contracts with one dot."""
-  t = unpack_bitplanes(w, x.dtype)
-  return (_dot(x, t == 1), _dot(x, t == -1)) if two_sums else (_dot(x, t),)
+  """Unpacks all of ``w`` to ``x.dtype`` and contracts with one dot (``x`` zero-padded to whole
+  words: unpacking in place is much faster than :func:`unpack_bitplanes`' transposes)."""
+  x = _pad_to(x, (x.shape[0], w.pos.shape[0] * WORD_BITS))
+  return tuple(_dot(x, v) for v in _weight_values((w.pos, w.neg), two_sums, x.dtype))
 
 
 def _dot_blocked(x, w: Bitplanes, two_sums: bool, k_words: int, select: bool):
@@ -246,22 +252,34 @@ def _float_exact(dtype, k: int) -> bool:
 _FLOAT32_EXACT = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # CPU formulation by shape, from `experiments/bench_cpu.py --sweep` (each formulation timed at
-# M = 1..32 on 784×256 and 4096×4096; experiments/results/bench_cpu.md) on the 2-core AMD EPYC
-# (Zen 4, AVX-512 VPOPCNTDQ) dev VM at load ≈ 1–1.4 (shared: differences under ~20 % are noise).
-# Ternary x, 4096²: rows 0.95 / 1.47 ms at M = 1 / 2 vs tiles 2.78 / 1.84; even at M = 4 (1.70
-# vs 1.61 ms); tiles ahead above (1.9× at M = 32). On 784×256 all are ≈ 0.13–0.3 ms. Tiles of
-# 32 words × 128 columns (ahead of 16 / 64 words and 64 / 256 / 512 columns, tried by hand).
-CPU_POPCOUNT_ROWS_MAX_M = 2
+# M = 1..64 on 784×256 and 4096×4096; experiments/results/bench_cpu.md) on the 2-core AMD EPYC
+# (Zen 4, AVX-512 VPOPCNTDQ) dev VM at load ≈ 1.3–1.9 (shared: differences < ~20 % are noise).
+# Ternary x, 4096²: broadcast 0.99 / 1.38 ms at M = 1 / 2 vs tiles 2.25 / 2.60 (the broadcast
+# reads the 4 MiB of weights once: about as fast as summing them); M = 4: 1.68 vs 1.85, M = 8:
+# 2.80 vs 2.16 ms, M = 16: 13.6 vs 3.5. On 784×256 all are ≈ 0.08–0.4 ms. Tiles of 32 words ×
+# 128 columns (ahead of 16 / 64 words and 64 / 256 / 512 columns, tried by hand).
+CPU_POPCOUNT_BROADCAST_MAX_M = 2
 CPU_POPCOUNT_TILE = dict(k_words=32, n_tile=128)
 # int / float x: one dot when w unpacked to float32 fits 4 MiB (784×256: within noise of the
 # others; conv layers: patches of up to 10^5 rows × a small w); larger w: single-row
-# multiply-adds at M ≤ 2 (4096²: 3.5 / 4.8 ms at M = 1 / 2 vs 7.4 / 6.7 ms for blocked dots;
-# even at M = 4, behind from M = 8), dots of 256-row unpacked blocks above (4096², M = 8: 8.8 ms
-# vs 35 ms for one dot of all of w unpacked).
+# multiply-adds at M ≤ 2 (4096²: 2.1 / 5.6 ms at M = 1 / 2 vs 5.1 / 10.4 ms for blocked dots;
+# even at M = 4, behind from M = 8), dots of 256-row unpacked blocks above (4096², M = 8: 8.1 ms
+# vs 27 ms for one dot of all of w unpacked).
 CPU_DOT_PLAIN_MAX_BYTES = 4 << 20
 CPU_SELECT_MAX_M = 2
 CPU_SELECT_K_WORDS = 1
 CPU_DOT_K_WORDS = 8
+# int8 x from this many rows: w unpacked to int8 and one int8 dot with int32 accumulation (XLA's
+# int8 dot is ~1.4× faster than float32 from M ≈ 16, but 4–6× slower at M = 1). 4096²: 10.1 /
+# 14.6 / 15.9 ms at M = 16 / 32 / 64 vs 9.6 / 17.0 / 22.4 ms for blocked float32 dots.
+CPU_INT8_DOT_MIN_M = 32
+
+
+def _popcount_cpu(xw, ww, two_sums):
+  """The CPU bitplane GEMM for the number of rows of ``xw``."""
+  if xw[0].shape[0] <= CPU_POPCOUNT_BROADCAST_MAX_M:
+    return _popcount_broadcast(xw, ww, two_sums)
+  return _popcount_tiled(xw, ww, two_sums, **CPU_POPCOUNT_TILE)
 
 
 @functools.partial(jax.jit, static_argnames="x_ternary")
@@ -270,7 +288,8 @@ def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg
   compile once per shape rather than op by op).
 
   On CPU, integer ``x`` is contracted in float32 where that is exact (:func:`_float_exact`),
-  and so are float16 / bfloat16 ``x`` (products with trits are exact; float32 accumulation).
+  except int8 ``x`` of many rows (an int8 dot), and so are float16 / bfloat16 ``x`` (products
+  with trits are exact; float32 accumulation).
   """
   two_sums = w_scale_neg is not None
   m, k = x.shape
@@ -280,12 +299,9 @@ def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg
     accs = popcount_matmul(pack_bitplanes(x, axis=1), w, two_sums)
     accs = accs if two_sums else (accs,)
   elif x_ternary:
-    xw, ww = _pack_activations(x), _w_planes(w, two_sums)
-    if m <= CPU_POPCOUNT_ROWS_MAX_M:
-      accs = _popcount_rows(xw, ww, two_sums)
-    else:
-      accs = _popcount_tiled(xw, ww, two_sums, **CPU_POPCOUNT_TILE)
-  elif not cpu or not (_float_exact(x.dtype, k) if integer else x.dtype in _FLOAT32_EXACT):
+    accs = _popcount_cpu(_pack_activations(x), _w_planes(w, two_sums), two_sums)
+  elif (not cpu or (x.dtype == jnp.int8 and m >= CPU_INT8_DOT_MIN_M)
+        or not (_float_exact(x.dtype, k) if integer else x.dtype in _FLOAT32_EXACT)):
     accs = _dot_plain(x, w, two_sums)
   else:
     xf = x.astype(jnp.float32)
@@ -298,9 +314,6 @@ def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg
     if integer:
       accs = tuple(a.astype(jnp.int32) for a in accs)
   return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
-
-
-register("xla", xla_matmul)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,16 +416,81 @@ def kernel_to_matrix(kernel: jax.Array) -> jax.Array:
   return jnp.moveaxis(kernel, ndim, 0).reshape(-1, kernel.shape[-1])
 
 
-def ternary_conv(x: jax.Array, w: Bitplanes, *, window: Sequence[int],
-                 strides: Sequence[int] | None = None, padding="SAME", rhs_dilation=None,
-                 x_ternary: bool = False, x_scale=None, w_scale=None, w_scale_neg=None,
-                 implementation=None) -> jax.Array:
-  """Convolution of NHWC ``x`` with a ternary kernel, as patches + :func:`ternary_matmul`.
+def _conv_kernel(w: Bitplanes, channels: int, window: Sequence[int], dtype,
+                 two_sums: bool) -> jax.Array:
+  """The ``(*window, C, O)`` kernel of a :func:`kernel_to_matrix` matrix as ``dtype``; with
+  ``two_sums`` its ``[t = +1]`` and ``[t = −1]`` kernels concatenated along ``O``."""
+  t = unpack_bitplanes(w, dtype).reshape(channels, *window, -1)
+  t = jnp.moveaxis(t, 0, -2)
+  return jnp.concatenate([(t == 1).astype(dtype), (t == -1).astype(dtype)], -1) if two_sums else t
 
-  ``w`` is ``pack_bitplanes(kernel_to_matrix(t), axis=0)``; ``x_scale`` is per example
-  (broadcastable to ``(N, 1, ..., 1)``) or scalar.
+
+def _conv_popcount(x, w: Bitplanes, window, strides, padding, rhs_dilation, two_sums):
+  """Ternary ``x``: channels packed into words per pixel first, then patches of words.
+
+  The patches are ``prod(window)·⌈C/32⌉`` words per output instead of ``prod(window)·C``
+  codes; the kernel is repacked to match (per window offset, channels zero-padded to words).
   """
-  strides = strides or (1,) * len(window)
+  *batch_spatial, c = x.shape
+  xw = [a.reshape(*batch_spatial, -1) for a in _pack_activations(x.reshape(-1, c))]
+  patches = [_window_patches(a, window, strides, padding, rhs_dilation) for a in xw]
+  out_spatial = patches[0].shape[:-1]
+  rows = [a.reshape(-1, a.shape[-1]) for a in patches]
+  cw = xw[0].shape[-1]
+  t = jnp.moveaxis(unpack_bitplanes(w).reshape(c, *window, -1), 0, -2)
+  t = jnp.pad(t, [(0, 0)] * len(window) + [(0, cw * WORD_BITS - c), (0, 0)])
+  planes = _w_planes(pack_bitplanes(t.reshape(-1, t.shape[-1]), axis=0), two_sums)
+  return tuple(a.reshape(*out_spatial, -1) for a in _popcount_cpu(rows, planes, two_sums))
+
+
+# xla_conv packs ternary activations per pixel from this many channels and about this many
+# output rows (LeNet-5's 12×12×32 → 8×8×64 conv, batch 1 / 4 / 16 / 64: 0.36 / 0.34 / 0.69 /
+# 1.28 ms vs 0.26 / 0.51 / 1.62 / 6.44 ms for the float32 convolution of the unpacked kernel and
+# 0.38 / 0.49 / 1.95 / 5.41 ms for patches + popcount; at batch 1 repacking the kernel
+# dominates); with fewer channels (an image's 1–3) most bits of each word would be padding.
+CPU_CONV_PACK_MIN_C = 16
+CPU_CONV_PACK_MIN_ROWS = 256
+
+
+def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x_scale=None,
+             w_scale=None, w_scale_neg=None):
+  """Direct CPU convolutions (no patch matrix): channel-packed popcount for ternary ``x`` with
+  many channels, else an XLA convolution of the unpacked kernel in float32 where that is exact
+  (as in :func:`xla_matmul`). Raises ``NotImplementedError`` otherwise (and off CPU), so that
+  :func:`ternary_conv` falls back to patches + :func:`xla_matmul`.
+  """
+  two_sums = w_scale_neg is not None
+  c = x.shape[-1]
+  k = w.length
+  integer = jnp.issubdtype(x.dtype, jnp.integer)
+  if jax.default_backend() != "cpu":
+    raise NotImplementedError("direct convolutions are for CPU")
+  out_rows = x.shape[0] * math.prod(-(-n // s) for n, s in zip(x.shape[1:-1], strides))
+  if x_ternary and c >= CPU_CONV_PACK_MIN_C and out_rows >= CPU_CONV_PACK_MIN_ROWS:
+    accs = _conv_popcount(x, w, window, strides, padding, rhs_dilation, two_sums)
+  elif (k <= 2 ** 24 if x_ternary else
+        _float_exact(x.dtype, k) if integer else x.dtype in _FLOAT32_EXACT):
+    sp = "HWD"[:len(window)]
+    out = lax.conv_general_dilated(
+        x.astype(jnp.float32), _conv_kernel(w, c, window, jnp.float32, two_sums), strides,
+        padding, rhs_dilation=rhs_dilation,
+        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))
+    accs = jnp.split(out, 2, axis=-1) if two_sums else (out,)
+    if integer:
+      accs = tuple(a.astype(jnp.int32) for a in accs)
+  else:
+    raise NotImplementedError(f"no exact direct convolution of {x.dtype} inputs over K = {k}")
+  if x_scale is not None and jnp.ndim(x_scale) > 0:
+    x_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
+  return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
+
+
+register("xla", xla_matmul, conv=xla_conv)
+
+
+def _patches_conv(x, w, *, window, strides, padding, rhs_dilation, x_scale, implementation,
+                  **kwargs):
+  """Convolution as patches + :func:`ternary_matmul` with ``implementation``."""
   patches = _window_patches(x, window, strides, padding, rhs_dilation)
   out_spatial = patches.shape[:-1]
   rows = patches.reshape(-1, patches.shape[-1])
@@ -426,9 +504,45 @@ def ternary_conv(x: jax.Array, w: Bitplanes, *, window: Sequence[int],
   if x_scale is not None and jnp.ndim(x_scale) > 0:
     x_scale = jnp.broadcast_to(jnp.reshape(x_scale, (-1,) + (1,) * (len(out_spatial) - 1)),
                                out_spatial).reshape(-1, 1)
-  out = ternary_matmul(rows, w, x_ternary=x_ternary, x_scale=x_scale, w_scale=w_scale,
-                       w_scale_neg=w_scale_neg, implementation=implementation)
+  out = ternary_matmul(rows, w, x_scale=x_scale, implementation=implementation, **kwargs)
   return out.reshape(*out_spatial, -1)
+
+
+def ternary_conv(x: jax.Array, w: Bitplanes, *, window: Sequence[int],
+                 strides: Sequence[int] | None = None, padding="SAME", rhs_dilation=None,
+                 x_ternary: bool = False, x_scale=None, w_scale=None, w_scale_neg=None,
+                 implementation=None) -> jax.Array:
+  """Convolution of NHWC ``x`` with a ternary kernel (exact integer sums, then the scales).
+
+  ``w`` is ``pack_bitplanes(kernel_to_matrix(t), axis=0)``; ``x_scale`` is per example
+  (broadcastable to ``(N, 1, ..., 1)``) or scalar. Implementations are tried as in
+  :func:`ternary_matmul`: one registered with a ``conv`` runs it, falling back (on
+  ``NotImplementedError``) to patches + its matmul, as do the others.
+  """
+  window = tuple(window)
+  strides = tuple(strides or (1,) * len(window))
+  rhs_dilation = tuple(rhs_dilation or (1,) * len(window))
+  if not isinstance(w, Bitplanes) or w.axis != 0 or w.pos.ndim != 2:
+    check_operands(x, w)  # its message
+  if x.ndim != len(window) + 2 or w.length != x.shape[-1] * math.prod(window):
+    raise ValueError(f"x must be (N, *spatial, C) with C·prod(window) = {w.length} "
+                     f"({window=}), got {x.shape=}")
+  if w_scale_neg is not None and w_scale is None:
+    raise ValueError("w_scale_neg needs w_scale (the scale of the +1 weights)")
+  kwargs = dict(window=window, strides=strides, padding=padding, rhs_dilation=rhs_dilation,
+                x_ternary=x_ternary, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
+  errors = []
+  for name in _candidates(implementation):
+    try:
+      if name in CONVOLUTIONS:
+        try:
+          return CONVOLUTIONS[name](x, w, **kwargs)
+        except NotImplementedError as e:
+          errors.append(f"{name} conv: {e}")
+      return _patches_conv(x, w, implementation=name, **kwargs)
+    except NotImplementedError as e:
+      errors.append(f"{name}: {e}")
+  raise NotImplementedError("no implementation handles this call: " + "; ".join(errors))
 
 
 # GPU implementations register themselves on import (they need jax-triton / a GPU to run).

@@ -34,7 +34,7 @@ def _check(accs, ref):
 
 POPCOUNT = {
     "reference": lambda xb, w, ts: (lambda a: a if ts else (a,))(ops.popcount_matmul(xb, w, ts)),
-    "rows": lambda xb, w, ts: ops._popcount_rows(*ops._planes(xb, w, ts), ts),
+    "broadcast": lambda xb, w, ts: ops._popcount_broadcast(*ops._planes(xb, w, ts), ts),
     "tiled": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts, k_words=3,
                                                    n_tile=8),
     "tiled_default": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts,
@@ -87,8 +87,9 @@ def test_dispatch_exact_around_thresholds(monkeypatch, x_ternary, k, n):
   rng = np.random.default_rng(3)
   t = _ternary(rng, (k, n))
   w = packing.pack_bitplanes(jnp.asarray(t), axis=0)
-  limit = ops.CPU_POPCOUNT_ROWS_MAX_M if x_ternary else ops.CPU_SELECT_MAX_M
-  for m in sorted({1, limit, limit + 1, 40}):
+  limits = ((ops.CPU_POPCOUNT_BROADCAST_MAX_M,) if x_ternary else
+            (ops.CPU_SELECT_MAX_M, ops.CPU_INT8_DOT_MIN_M - 1))
+  for m in sorted({1, 40} | {m for limit in limits for m in (limit, limit + 1)}):
     x = _ternary(rng, (m, k)) if x_ternary else rng.integers(-128, 128, (m, k)).astype(np.int8)
     out = ops.xla_matmul(jnp.asarray(x), w, x_ternary=x_ternary)
     assert out.dtype == jnp.int32
@@ -126,19 +127,75 @@ def test_integer_sums_beyond_float32_stay_exact():
   np.testing.assert_array_equal(ops.xla_matmul(jnp.asarray(x, jnp.int16), w), ref)
 
 
-@pytest.mark.parametrize("window,strides,padding,dilation", [
-    ((3, 3), (1, 1), "SAME", (2, 2)), ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1)),
-    ((1, 1), (2, 2), "VALID", (1, 1))])
+CONV_GEOMETRIES = [((3, 3), (1, 1), "SAME", (2, 2)), ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1)),
+                   ((1, 1), (2, 2), "VALID", (1, 1)), ((5, 5), (1, 1), "VALID", (1, 1))]
+
+
+def _conv_reference(x, kernel, strides, padding, dilation, two_sums=False):
+  conv = lambda k: np.asarray(jax.lax.conv_general_dilated(
+      jnp.asarray(x, jnp.int32), jnp.asarray(k, jnp.int32), strides, padding,
+      rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  return (conv(kernel == 1), conv(kernel == -1)) if two_sums else (conv(kernel),)
+
+
+def _conv_operands(rng, x_shape, window, out_channels, x_ternary):
+  x = (_ternary(rng, x_shape) if x_ternary
+       else rng.integers(-127, 128, x_shape).astype(np.int8))
+  kernel = _ternary(rng, (*window, x_shape[-1], out_channels))
+  return x, kernel, packing.pack_bitplanes(ops.kernel_to_matrix(jnp.asarray(kernel)), axis=0)
+
+
+@pytest.mark.parametrize("window,strides,padding,dilation", CONV_GEOMETRIES)
 @pytest.mark.parametrize("reorder_patches", [True, False])
 def test_conv_exact(monkeypatch, window, strides, padding, dilation, reorder_patches):
+  # patches + matmul (int8 x: the xla implementation's direct conv would take it)
   monkeypatch.setattr(ops, "CONV_REORDER_PATCHES_MAX_M", 10 ** 9 if reorder_patches else 0)
-  rng = np.random.default_rng(5)
-  x = rng.integers(-127, 128, (2, 9, 8, 3)).astype(np.int8)
-  kernel = _ternary(rng, (*window, 3, 4))
-  ref = jax.lax.conv_general_dilated(
-      jnp.asarray(x, jnp.int32), jnp.asarray(kernel, jnp.int32), strides, padding,
-      rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  w = packing.pack_bitplanes(ops.kernel_to_matrix(jnp.asarray(kernel)), axis=0)
+  monkeypatch.setattr(ops, "CONVOLUTIONS", {})
+  x, kernel, w = _conv_operands(np.random.default_rng(5), (2, 9, 8, 3), window, 4, False)
   out = ops.ternary_conv(jnp.asarray(x), w, window=window, strides=strides, padding=padding,
                          rhs_dilation=dilation)
-  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(out, _conv_reference(x, kernel, strides, padding, dilation)[0])
+
+
+# direct convolutions of the xla implementation: channel-packed popcount (C = 1, 33: one and
+# two words per pixel) and the float32 convolution (ternary, int8, float32 x)
+@pytest.mark.parametrize("window,strides,padding,dilation", CONV_GEOMETRIES)
+@pytest.mark.parametrize("path,channels", [("packed", 1), ("packed", 33), ("float", 3)])
+def test_direct_conv_exact(monkeypatch, window, strides, padding, dilation, path, channels):
+  packed = path == "packed"
+  monkeypatch.setattr(ops, "CPU_CONV_PACK_MIN_C", 1 if packed else 10 ** 9)
+  monkeypatch.setattr(ops, "CPU_CONV_PACK_MIN_ROWS", 0)
+  rng = np.random.default_rng(channels)
+  for x_ternary in (True,) if packed else (True, False):
+    x, kernel, w = _conv_operands(rng, (2, 9, 7, channels), window, 5, x_ternary)
+    for two_sums in (False, True):
+      kwargs = dict(w_scale=jnp.float32(1), w_scale_neg=jnp.float32(1)) if two_sums else {}
+      got = ops.xla_conv(jnp.asarray(x), w, window=window, strides=strides, padding=padding,
+                         rhs_dilation=dilation, x_ternary=x_ternary, **kwargs)
+      want = _conv_reference(x, kernel, strides, padding, dilation, two_sums)
+      # with two sums, the float epilogue gives acc_pos − acc_neg (exact small integers)
+      np.testing.assert_array_equal(got, want[0] - want[1] if two_sums else want[0])
+      if not packed and not x_ternary:
+        got = ops.xla_conv(jnp.asarray(x, jnp.float32), w, window=window, strides=strides,
+                           padding=padding, rhs_dilation=dilation)
+        np.testing.assert_array_equal(got, want[0] - want[1] if two_sums else want[0])
+
+
+def test_conv_scales_and_fallback():
+  # per-example x_scale in the direct conv; int32 x (not exact in float32): patches + matmul
+  rng = np.random.default_rng(6)
+  x, kernel, w = _conv_operands(rng, (3, 6, 6, 2), (3, 3), 4, True)
+  x_scale = jnp.asarray([1.0, 2.0, -3.0]).reshape(3, 1, 1, 1)
+  w_scale = jnp.asarray([1.0, 0.5, 2.0, 4.0])
+  ref = _conv_reference(x, kernel, (1, 1), "SAME", (1, 1))[0]
+  out = ops.ternary_conv(jnp.asarray(x), w, window=(3, 3), padding="SAME", x_ternary=True,
+                         x_scale=x_scale, w_scale=w_scale)
+  np.testing.assert_allclose(out, ref * np.asarray(x_scale) * np.asarray(w_scale), rtol=1e-6)
+  with pytest.raises(NotImplementedError, match="no exact direct convolution"):
+    ops.xla_conv(jnp.asarray(x, jnp.int32), w, window=(3, 3), strides=(1, 1), padding="SAME",
+                 rhs_dilation=(1, 1))
+  big = np.full_like(x, 2 ** 24, dtype=np.int32) * x  # products beyond float32's integers
+  out = ops.ternary_conv(jnp.asarray(big), w, window=(3, 3), padding="SAME")
+  np.testing.assert_array_equal(out, ref.astype(np.int64) * 2 ** 24)
+  with pytest.raises(ValueError, match="C·prod"):
+    ops.ternary_conv(jnp.asarray(x), w, window=(5, 5))
