@@ -93,9 +93,11 @@ def test_conv_exact(window, strides, padding, cin, x_ternary):
   lo = -1 if x_ternary else -127
   x = rng.integers(lo, -lo + 1, (2, 9, 8, cin)).astype(np.int8)
   kernel = rng.integers(-1, 2, (*window, cin, 4)).astype(np.int8)
+  # float32 holds these integer sums exactly (and cuDNN has no int32 convolution).
   ref = lax.conv_general_dilated(
-      jnp.asarray(x, jnp.int32), jnp.asarray(kernel, jnp.int32), strides, padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), strides, padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST).astype(jnp.int32)
   w = packing.pack_bitplanes(ops.kernel_to_matrix(jnp.asarray(kernel)), axis=0)
   out = ops.ternary_conv(jnp.asarray(x), w, window=window, strides=strides, padding=padding,
                          x_ternary=x_ternary)
