@@ -184,21 +184,13 @@ def convert(model: nnx.Sequential) -> tuple[list[dict], dict[str, dict[str, np.n
 # Inference function
 
 
-def _quantized_inputs(spec, p, x):
-  if spec["activations"] == "ternary":
-    s = p["act_scale"]
-    return quantizers.ternary_activation_codes(x, s, spec["act_threshold"]), s
-  if spec["activations"] == "int8":
-    return quantizers.int8_codes(x)
-  return x, None
-
-
 def _spatial(n: int) -> str:
   return "HWD"[:n]
 
 
 def _dense_forward(spec, p, x, implementation):
-  x, x_scale = _quantized_inputs(spec, p, x)
+  x, x_scale = quantizers.activation_codes(spec["activations"], x, p.get("act_scale"),
+                                           spec["act_threshold"])
   conv = spec["kind"] in ("conv", "ternary_conv")
   padding = spec.get("padding")
   padding = padding if isinstance(padding, str) else tuple(map(tuple, padding or ()))

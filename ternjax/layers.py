@@ -133,12 +133,8 @@ class TernaryOperands(nnx.Module):
 
   def input_codes(self, x: jax.Array):
     """Inference form of the inputs: ``(codes, scale)``; ``(x, None)`` when not quantized."""
-    if self.config.activations == "ternary":
-      s = self.act_scale[...]
-      return q.ternary_activation_codes(x, s, self.config.act_threshold), s
-    if self.config.activations == "int8":
-      return q.int8_codes(x)
-    return x, None
+    scale = self.act_scale[...] if self.config.activations == "ternary" else None
+    return q.activation_codes(self.config.activations, x, scale, self.config.act_threshold)
 
   def kernel_forward(self, x, kernel, contract, packed_contract):
     """``packed_contract(codes, x_scale, t, w_scale, w_scale_neg)`` forward, STE backward.

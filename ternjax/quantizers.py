@@ -238,3 +238,15 @@ def int8(x: jax.Array) -> jax.Array:
   """Symmetric int8 fake quantization ``s·q`` (W2A8 activations); backward: identity."""
   q, scale = int8_codes(x)
   return straight_through(x, jax.lax.stop_gradient(scale * q.astype(x.dtype)), "identity")
+
+
+def activation_codes(method: str, x: jax.Array, scale=None, threshold: float = 0.5):
+  """Inference form of a layer's inputs: ``(codes, scale)``, or ``(x, None)`` for ``'none'``.
+
+  ``method`` is 'ternary' (learned ``scale``), 'int8' (per-example scale) or 'none'.
+  """
+  if method == "ternary":
+    return ternary_activation_codes(x, scale, threshold), scale
+  if method == "int8":
+    return int8_codes(x)
+  return x, None
