@@ -6,12 +6,17 @@ Micro: ``x (M, K) × w (K, N)`` for M in {1, 8, 64, 256} and (K, N) in {(784, 25
 ``jnp.dot`` and an int8 ``jnp.dot`` (int32 accumulation) of unpacked weights. End to end: MLP
 and LeNet-5 (random TWN weights: latency does not depend on training) exported with
 :func:`ternjax.export.export` and run by :func:`ternjax.export.load`, against the same
-architecture with float weights under ``nnx.jit``; batch 1 latency and batch 256 throughput.
+architecture with float weights (``jax.jit`` of the model merged from its parameters, passed
+as plain arrays; also as the ``nnx.State``, whose flattening costs ~40 µs per call); batch 1
+latency and batch 256 throughput.
 
-Every result is checked first (ternary exact against a NumPy integer dot), then timed as the
-median of ``--reps`` calls after a warm-up, with ``block_until_ready``; the candidates of one
-row are timed interleaved (one call each per round), so load from other processes hits them
-alike. Prints a table and writes JSON (with the CPU, its flags and the load average)::
+Every result is checked first (ternary exact against a NumPy integer dot), then timed with
+``block_until_ready`` as the median over rounds in which each candidate runs ``--block`` calls
+back to back (the first call of each block, which finds the other candidates' data in cache
+and their threads awake, is not counted): **warm**, the way a loop over one layer or model
+runs. The ternary-x and float32-dot candidates are also timed **cold**: a 64 MiB read evicts
+the caches before every call. Candidates alternate, so load from other processes hits them
+alike. Prints tables and writes JSON (with the CPU, its flags and the load average)::
 
   python experiments/bench_cpu.py --out experiments/results/bench_cpu.json
 """
@@ -26,6 +31,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +56,44 @@ def machine() -> dict:
               flags=[f for f in CPU_FLAGS if f in flags], load_average=os.getloadavg())
 
 
-def time_interleaved(fns: dict, args: dict, reps: int) -> dict[str, float]:
-  """Median seconds per call of each function, timed in rounds of one call each."""
+def time_interleaved(fns: dict, args: dict, reps: int, *, block: int = 1,
+                     before: Callable[[], object] | None = None) -> dict[str, float]:
+  """Median seconds per call of each function over ``reps`` rounds.
+
+  Each round runs every function ``block`` times back to back and counts all but the first
+  call of the block (all of them when ``block`` is 1); ``before`` runs, untimed, before each
+  call.
+  """
   for name, fn in fns.items():
     jax.block_until_ready(fn(*args[name]))
   times = {name: [] for name in fns}
   for _ in range(reps):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args[name]))
-      times[name].append(time.perf_counter() - start)
+      for i in range(block):
+        if before is not None:
+          before()
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args[name]))
+        if i or block == 1:
+          times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def micro(reps: int, m_values, kn_values) -> list[dict]:
+_EVICTION = {}
+
+
+def evict_caches() -> None:
+  """Reads 64 MiB (twice the 32 MiB L3 of the dev VM), so no candidate finds its data cached."""
+  if not _EVICTION:
+    _EVICTION["data"] = jnp.ones(16 << 20, jnp.float32)
+    _EVICTION["sum"] = jax.jit(jnp.sum)
+  _EVICTION["sum"](_EVICTION["data"]).block_until_ready()
+
+
+COLD = ("float32 dot", "ternary x (popcount)")
+
+
+def micro(reps: int, block: int, m_values, kn_values) -> list[dict]:
   rng = np.random.default_rng(0)
   rows = []
   for k, n in kn_values:
@@ -91,19 +121,26 @@ def micro(reps: int, m_values, kn_values) -> list[dict]:
       np.testing.assert_array_equal(fns["int8 dot"](*args["int8 dot"]), exact(x8))
       np.testing.assert_allclose(fns["float32 x"](*args["float32 x"]), xf @ t, rtol=1e-4,
                                  atol=1e-3)
-      secs = time_interleaved(fns, args, reps)
-      base = secs["float32 dot"]
-      for name, s in secs.items():
-        rows.append(dict(m=m, k=k, n=n, impl=name, median_us=s * 1e6, vs_float32=base / s))
-      print(f"M={m:4d} K={k:5d} N={n:5d}  " + "  ".join(
-          f"{name} {s * 1e3:.3f} ms ({base / s:.2f}x)" for name, s in secs.items()), flush=True)
+      secs = time_interleaved(fns, args, reps, block=block)
+      cold = time_interleaved({name: fns[name] for name in COLD}, args, reps,
+                              before=evict_caches)
+      for mode, timed in (("warm", secs), ("cold", cold)):
+        base = timed["float32 dot"]
+        for name, s in timed.items():
+          rows.append(dict(m=m, k=k, n=n, impl=name, mode=mode, median_us=s * 1e6,
+                           vs_float32=base / s))
+        print(f"M={m:4d} K={k:5d} N={n:5d} {mode}  " + "  ".join(
+            f"{name} {s * 1e3:.3f} ms ({base / s:.2f}x)" for name, s in timed.items()),
+            flush=True)
   return rows
 
 
-def sweep(reps: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+def sweep(reps: int, block: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
   """Times each CPU formulation of :func:`ternjax.ops.xla_matmul` directly (the thresholds)."""
   rng = np.random.default_rng(2)
   popcount = {
+      "popcount loop": lambda xb, w: ops._popcount_tiled(*ops._planes(xb, w, False), False, 1,
+                                                         w.pos.shape[1]),
       "popcount broadcast": lambda xb, w: ops._popcount_broadcast(*ops._planes(xb, w, False),
                                                                   False),
       "popcount tiled": lambda xb, w: ops._popcount_tiled(*ops._planes(xb, w, False), False,
@@ -127,7 +164,7 @@ def sweep(reps: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
       for name, fn in dot.items():
         fns[name], args[name] = jax.jit(fn), (jnp.asarray(xt, jnp.float32), w)
       fns["dot plain int8"], args["dot plain int8"] = jax.jit(dot["dot plain"]), (xt, w)
-      secs = time_interleaved(fns, args, reps)
+      secs = time_interleaved(fns, args, reps, block=block)
       for name, s in secs.items():
         rows.append(dict(m=m, k=k, n=n, impl=name, median_us=s * 1e6,
                          vs_float32=secs["float32 dot"] / s))
@@ -136,7 +173,7 @@ def sweep(reps: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
   return rows
 
 
-def conv_sweep(reps: int, batches=(1, 4, 16, 64)) -> list[dict]:
+def conv_sweep(reps: int, block: int, batches=(1, 4, 16, 64)) -> list[dict]:
   """Times the convolutions of ternary activations for LeNet-5's second conv (the
   ``CPU_CONV_*`` thresholds): channel-packed popcount, float32 conv, patches + popcount."""
   rng = np.random.default_rng(3)
@@ -159,7 +196,7 @@ def conv_sweep(reps: int, batches=(1, 4, 16, 64)) -> list[dict]:
                                        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     for fn in fns.values():
       np.testing.assert_array_equal(np.asarray(fn(x, w)).astype(np.int32), ref)
-    secs = time_interleaved(fns, {name: (x, w) for name in fns}, reps)
+    secs = time_interleaved(fns, {name: (x, w) for name in fns}, reps, block=block)
     base = secs["conv float32"]
     for name, s in secs.items():
       rows.append(dict(batch=batch, impl=name, median_us=s * 1e6, vs_float32=base / s))
@@ -176,6 +213,9 @@ E2E_MODELS = {"mlp": models.mlp, "lenet5": models.lenet5}
 E2E_ACTIVATIONS = ("none", "ternary")
 
 
+E2E_BLOCK = {1: 20, 256: 3}  # calls back to back per round (warm-up of the block excluded)
+
+
 def end_to_end(reps: int, batches=(1, 256)) -> list[dict]:
   """Ternary exports (random TWN weights, float or ternary activations) vs the float model."""
   rows = []
@@ -185,8 +225,12 @@ def end_to_end(reps: int, batches=(1, 256)) -> list[dict]:
       float_model = build(models.FP, rngs=nnx.Rngs(0))
       float_model.eval()
       graph, state = nnx.split(float_model)  # jax.jit of a pure function: no nnx.jit overhead
+      leaves, treedef = jax.tree.flatten(state)
       float_fn = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
-      fns = {"float32 model": functools.partial(float_fn, state)}
+      arrays_fn = jax.jit(lambda leaves, x: nnx.merge(graph, jax.tree.unflatten(treedef,
+                                                                                 leaves))(x))
+      fns = {"float32 model": functools.partial(arrays_fn, leaves),
+             "float32 model, nnx.State argument": functools.partial(float_fn, state)}
       for act in E2E_ACTIVATIONS:
         model = build(QuantConfig(weights="twn", activations=act), rngs=nnx.Rngs(0))
         model.eval()
@@ -198,7 +242,7 @@ def end_to_end(reps: int, batches=(1, 256)) -> list[dict]:
         fns[f"ternary export, {'float' if act == 'none' else act} activations"] = inference
       for batch in batches:
         x = jnp.asarray(rng.random((batch, 28, 28, 1), np.float32))
-        secs = time_interleaved(fns, {k: (x,) for k in fns}, reps)
+        secs = time_interleaved(fns, {k: (x,) for k in fns}, reps, block=E2E_BLOCK[batch])
         base = secs["float32 model"]
         for impl, s in secs.items():
           rows.append(dict(model=name, batch=batch, impl=impl, median_us=s * 1e6,
@@ -221,6 +265,8 @@ def table(rows: list[dict], keys: tuple[str, ...]) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--reps", type=int, default=30, help="timed calls per candidate")
+  parser.add_argument("--block", type=int, default=20,
+                      help="calls back to back per candidate and round (warm timing)")
   parser.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="rows of x")
   parser.add_argument("--skip-end-to-end", action="store_true")
   parser.add_argument("--sweep", action="store_true",
@@ -229,16 +275,16 @@ def main(argv=None):
                            "in ternjax/ops.py come from)")
   parser.add_argument("--out", help="JSON output path")
   args = parser.parse_args(argv)
-  if args.reps < 1 or min(args.m) < 1:
-    parser.error("--reps and --m must be positive")
+  if min(args.reps, args.block, *args.m) < 1:
+    parser.error("--reps, --block and --m must be positive")
   info = machine()
   print(json.dumps(info))
-  micro_rows = micro(args.reps, args.m, KN_VALUES)
+  micro_rows = micro(args.reps, args.block, args.m, KN_VALUES)
   e2e_rows = [] if args.skip_end_to_end else end_to_end(args.reps)
-  sweep_rows = sweep(args.reps) if args.sweep else []
-  conv_rows = conv_sweep(args.reps) if args.sweep else []
+  sweep_rows = sweep(args.reps, args.block) if args.sweep else []
+  conv_rows = conv_sweep(args.reps, args.block) if args.sweep else []
   info["load_average_after"] = os.getloadavg()
-  print("\n" + table(micro_rows, ("m", "k", "n")))
+  print("\n" + table(micro_rows, ("m", "k", "n", "mode")))
   if e2e_rows:
     print("\n" + table(e2e_rows, ("model", "batch")))
   if sweep_rows:
@@ -246,8 +292,8 @@ def main(argv=None):
     print("\n" + table(conv_rows, ("batch",)))
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(dict(machine=info, reps=args.reps, micro=micro_rows, end_to_end=e2e_rows,
-                     sweep=sweep_rows, conv_sweep=conv_rows), f, indent=1)
+      json.dump(dict(machine=info, reps=args.reps, block=args.block, micro=micro_rows,
+                     end_to_end=e2e_rows, sweep=sweep_rows, conv_sweep=conv_rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -69,15 +69,17 @@ def _sub_jaxprs(eqn):
         yield v
 
 
-def _walk(jaxpr, scope: str, visit) -> None:
+def _walk(jaxpr, scope: str, visit, times: int = 1) -> None:
+  """Visits ``(eqn, scope, times)`` for every equation; a scan body's run ``length`` times."""
   for eqn in jaxpr.eqns:
     where = f"{scope}/{eqn.source_info.name_stack}"
     subs = list(_sub_jaxprs(eqn))
     if eqn.primitive.name in CLASSES or not subs:
-      visit(eqn, where)
+      visit(eqn, where, times)
     if eqn.primitive.name not in CLASSES:
+      repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
       for sub in subs:
-        _walk(sub, where, visit)
+        _walk(sub, where, visit, times * repeat)
 
 
 def _output_sizes(inference: ex.Inference, batch: int) -> list[int]:
@@ -116,7 +118,7 @@ def census(inference: ex.Inference, batch: int = 8) -> list[dict]:
           for i, (s, n) in enumerate(zip(layers, _output_sizes(inference, batch)))]
   unattributed = collections.Counter()
 
-  def visit(eqn, where):
+  def visit(eqn, where, times):
     cls = CLASSES.get(eqn.primitive.name)
     if cls is None:
       return
@@ -126,8 +128,8 @@ def census(inference: ex.Inference, batch: int = 8) -> list[dict]:
       return
     dtype = str(eqn.invars[0].aval.dtype)
     entry = rows[int(match.group(1))]["ops"][cls][dtype]
-    entry["eqns"] += 1
-    entry["ops"] += _operations(eqn)
+    entry["eqns"] += times
+    entry["ops"] += times * _operations(eqn)
 
   _walk(inference.jaxpr(batch).jaxpr, "", visit)
   for spec, row in zip(layers, rows):

@@ -90,21 +90,19 @@ def check_operands(x: jax.Array, w: Bitplanes) -> None:
 # _dot_plain). Activation bitplanes are used as (x_nonzero, x_neg); weight bitplanes as
 # (w_nonzero, w_neg) for one sum, or (w_pos, w_neg) for the two sums of asymmetric scales.
 
-_pc = lambda a: lax.population_count(a).astype(jnp.int32)
-
-
-def _popcount_terms(x, w, two_sums: bool) -> tuple[jax.Array, ...]:
+def _popcount_terms(x, w, two_sums: bool, dtype=jnp.int32) -> tuple[jax.Array, ...]:
   """Per-word sums of ``x = (xz, xn)`` times ``w``: ``Σ x·t``, or ``Σ x·[t=+1]``, ``Σ x·[t=−1]``.
 
   One sum: ``t·x ≠ 0`` on ``z = xz & wz`` and is negative where exactly one sign is, so
   ``Σ x·t = popc(z) − 2·popc(z & (xn ^ wn))``. Two sums: ``Σ x·[t=±1] = popc(xz & w±) −
-  2·popc(xn & w±)``.
+  2·popc(xn & w±)``. Each lies in [−32, 32], so ``dtype`` may be int8.
   """
+  pc = lambda a: lax.population_count(a).astype(dtype)
   xz, xn = x
   if two_sums:
-    return tuple(_pc(xz & v) - 2 * _pc(xn & v) for v in w)
+    return tuple(pc(xz & v) - 2 * pc(xn & v) for v in w)
   z = xz & w[0]
-  return (_pc(z) - 2 * _pc(z & (xn ^ w[1])),)
+  return (pc(z) - 2 * pc(z & (xn ^ w[1])),)
 
 
 def _planes(x: Bitplanes, w: Bitplanes, two_sums: bool):
@@ -147,11 +145,13 @@ def popcount_matmul(x: Bitplanes, w: Bitplanes, two_sums: bool = False):
 def _popcount_broadcast(xw, ww, two_sums):
   """Broadcast over ``(M, K/32, N)``, reduced over the words: one fused reduction.
 
-  Nothing of that size is materialized; for one or two rows it streams the weights once at
-  memory speed, for more it recomputes too much per weight word (see :func:`_popcount_tiled`).
+  For one or two rows it streams the weights once, for more it recomputes too much per weight
+  word (see :func:`_popcount_tiled`). XLA writes the per-word sums before reducing them; as
+  int8 they stay in L2 (4096², M = 1: 0.22–0.29 ms vs 0.33–0.36 ms as int32, weights cached).
   """
-  terms = _popcount_terms([a[:, :, None] for a in xw], [a[None] for a in ww], two_sums)
-  return tuple(jnp.sum(t, axis=1) for t in terms)
+  terms = _popcount_terms([a[:, :, None] for a in xw], [a[None] for a in ww], two_sums,
+                          jnp.int8)
+  return tuple(jnp.sum(t, axis=1, dtype=jnp.int32) for t in terms)
 
 
 def _pad_to(a: jax.Array, shape) -> jax.Array:
@@ -251,33 +251,61 @@ def _float_exact(dtype, k: int) -> bool:
 
 _FLOAT32_EXACT = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-# CPU formulation by shape, from `experiments/bench_cpu.py --sweep` (each formulation timed at
-# M = 1..64 on 784×256 and 4096×4096; experiments/results/bench_cpu.md) on the 2-core AMD EPYC
-# (Zen 4, AVX-512 VPOPCNTDQ) dev VM at load ≈ 1.3–1.9 (shared: differences < ~20 % are noise).
-# Ternary x, 4096²: broadcast 0.99 / 1.38 ms at M = 1 / 2 vs tiles 2.25 / 2.60 (the broadcast
-# reads the 4 MiB of weights once: about as fast as summing them); M = 4: 1.68 vs 1.85, M = 8:
-# 2.80 vs 2.16 ms, M = 16: 13.6 vs 3.5. On 784×256 all are ≈ 0.08–0.4 ms. Tiles of 32 words ×
-# 128 columns (ahead of 16 / 64 words and 64 / 256 / 512 columns, tried by hand).
+# CPU formulation by shape, from `experiments/bench_cpu.py --sweep` (each formulation timed
+# warm at M = 1..64 on 784×256 and 4096×4096; experiments/results/bench_cpu.md) on the 2-core
+# AMD EPYC (Zen 4, AVX-512 VPOPCNTDQ) dev VM, load ≈ 1.5–2 (differences < ~20 % are noise).
+#
+# Ternary x, by the size of the (M, N) accumulators: a loop over the words of K, one word (32
+# rows of w) per step, unless they are mid-sized. XLA:CPU splits a fusion that reads more than
+# ~20 KB across its threads, and on this VM each hand-over to the other core costs tens of µs:
+# up to SERIAL_MAX_MN the loop's steps run on one thread (784×256, M = 1 / 2 / 4: 14 / 26 / 32
+# µs vs 54–142 µs for the others and 44–145 µs for the float32 dot); from LOOP_MIN_MN each
+# step's work is worth the split (4096², M = 4 / 16 / 64: 0.42 / 1.23 / 3.0 ms vs tiles 0.79 /
+# 1.57 / 3.5); in between, split steps are too small: the broadcast at M ≤ 2 (4096², M = 1:
+# 0.23 ms vs 0.30 loop, 0.70 tiles) and tiles above (784×256, M = 8: 0.11 ms vs 0.20 loop).
+# Past LOOP_MAX_M (convolution patches) the accumulators leave the cache: tiles (1024×512,
+# M = 256, by hand: loop 0.60–0.75 ms, tiles 2.5 ms) of 32 words × 128 columns (ahead of 16 /
+# 64 words and 64 / 256 / 512 columns, tried by hand).
+CPU_POPCOUNT_SERIAL_MAX_MN = 1024
+CPU_POPCOUNT_LOOP_MIN_MN = 16384
+CPU_POPCOUNT_LOOP_MAX_M = 256
 CPU_POPCOUNT_BROADCAST_MAX_M = 2
 CPU_POPCOUNT_TILE = dict(k_words=32, n_tile=128)
 # int / float x: one dot when w unpacked to float32 fits 4 MiB (784×256: within noise of the
 # others; conv layers: patches of up to 10^5 rows × a small w); larger w: single-row
-# multiply-adds at M ≤ 2 (4096²: 2.1 / 5.6 ms at M = 1 / 2 vs 5.1 / 10.4 ms for blocked dots;
-# even at M = 4, behind from M = 8), dots of 256-row unpacked blocks above (4096², M = 8: 8.1 ms
-# vs 27 ms for one dot of all of w unpacked).
+# multiply-adds at M ≤ 2 (4096², M = 1: 1.6 ms vs 2.5 ms for blocked dots; M = 2: 3.1 vs 3.0;
+# behind from M = 4), dots of 256-row unpacked blocks above (4096², M = 8: 3.9 ms vs 29 ms for
+# one dot of all of w unpacked).
 CPU_DOT_PLAIN_MAX_BYTES = 4 << 20
 CPU_SELECT_MAX_M = 2
 CPU_SELECT_K_WORDS = 1
 CPU_DOT_K_WORDS = 8
 # int8 x from this many rows: w unpacked to int8 and one int8 dot with int32 accumulation (XLA's
-# int8 dot is ~1.4× faster than float32 from M ≈ 16, but 4–6× slower at M = 1). 4096²: 10.1 /
-# 14.6 / 15.9 ms at M = 16 / 32 / 64 vs 9.6 / 17.0 / 22.4 ms for blocked float32 dots.
+# int8 dot is 4–6× slower than float32 at M = 1, ahead from M ≈ 32–64: 4096², M = 32 / 64,
+# 10.4 / 13.5 ms vs 8.8 / 15.5 ms for blocked float32 dots; an earlier run 14.6 / 15.9 vs 17.0 /
+# 22.4 ms).
 CPU_INT8_DOT_MIN_M = 32
+# Float x: the single-row multiply-adds also for small products, up to this M·N (M = 1, by hand:
+# 256×128 49 µs vs 101 µs unpacking all of w, 512×10 30 vs 140; but 1024×512 236 vs 166; the
+# float32 dots: 25, 13, 89 µs).
+CPU_SELECT_SERIAL_MAX_MN = 256
+
+
+def _integer_sums(accs, integer: bool, x_scale, w_scale):
+  """Exact float32 sums of integer ``x`` as int32, unless the epilogue scales them (it would
+  convert back: the round trip breaks XLA's fusion of a convolution with what follows)."""
+  if integer and x_scale is None and w_scale is None:
+    return tuple(a.astype(jnp.int32) for a in accs)
+  return accs
 
 
 def _popcount_cpu(xw, ww, two_sums):
-  """The CPU bitplane GEMM for the number of rows of ``xw``."""
-  if xw[0].shape[0] <= CPU_POPCOUNT_BROADCAST_MAX_M:
+  """The CPU bitplane GEMM for the shape of ``xw (M, K/32) × ww (K/32, N)``."""
+  m, n = xw[0].shape[0], ww[0].shape[1]
+  if m <= CPU_POPCOUNT_LOOP_MAX_M and not (CPU_POPCOUNT_SERIAL_MAX_MN < m * n
+                                           < CPU_POPCOUNT_LOOP_MIN_MN):
+    return _popcount_tiled(xw, ww, two_sums, k_words=1, n_tile=n)
+  if m <= CPU_POPCOUNT_BROADCAST_MAX_M:
     return _popcount_broadcast(xw, ww, two_sums)
   return _popcount_tiled(xw, ww, two_sums, **CPU_POPCOUNT_TILE)
 
@@ -287,9 +315,10 @@ def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg
   """The XLA implementation (and reference) of :func:`ternary_matmul` (jitted: eager calls
   compile once per shape rather than op by op).
 
-  On CPU, integer ``x`` is contracted in float32 where that is exact (:func:`_float_exact`),
-  except int8 ``x`` of many rows (an int8 dot), and so are float16 / bfloat16 ``x`` (products
-  with trits are exact; float32 accumulation).
+  On CPU the formulation depends on the shape (the ``CPU_*`` constants above); small products
+  run as a loop over the words of K, on one thread. Integer ``x`` is contracted in float32
+  where that is exact (:func:`_float_exact`), except int8 ``x`` of many rows (an int8 dot), and
+  so are float16 / bfloat16 ``x`` (products with trits are exact; float32 accumulation).
   """
   two_sums = w_scale_neg is not None
   m, k = x.shape
@@ -305,14 +334,14 @@ def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg
     accs = _dot_plain(x, w, two_sums)
   else:
     xf = x.astype(jnp.float32)
-    if 4 * k * w.pos.shape[1] <= CPU_DOT_PLAIN_MAX_BYTES:
+    small = m * w.pos.shape[1] <= CPU_SELECT_SERIAL_MAX_MN
+    if 4 * k * w.pos.shape[1] <= CPU_DOT_PLAIN_MAX_BYTES and not small:
       accs = _dot_plain(xf, w, two_sums)
-    elif m <= CPU_SELECT_MAX_M:
+    elif m <= CPU_SELECT_MAX_M or small:
       accs = _dot_blocked(xf, w, two_sums, CPU_SELECT_K_WORDS, select=True)
     else:
       accs = _dot_blocked(xf, w, two_sums, CPU_DOT_K_WORDS, select=False)
-    if integer:
-      accs = tuple(a.astype(jnp.int32) for a in accs)
+    accs = _integer_sums(accs, integer, x_scale, w_scale)
   return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
 
 
@@ -444,9 +473,9 @@ def _conv_popcount(x, w: Bitplanes, window, strides, padding, rhs_dilation, two_
 
 
 # xla_conv packs ternary activations per pixel from this many channels and about this many
-# output rows (LeNet-5's 12×12×32 → 8×8×64 conv, batch 1 / 4 / 16 / 64: 0.36 / 0.34 / 0.69 /
-# 1.28 ms vs 0.26 / 0.51 / 1.62 / 6.44 ms for the float32 convolution of the unpacked kernel and
-# 0.38 / 0.49 / 1.95 / 5.41 ms for patches + popcount; at batch 1 repacking the kernel
+# output rows (LeNet-5's 12×12×32 → 8×8×64 conv, batch 1 / 4 / 16 / 64: 0.29 / 0.41 / 0.49 /
+# 1.23 ms vs 0.20 / 0.41 / 1.44 / 7.20 ms for the float32 convolution of the unpacked kernel and
+# 0.23 / 0.52 / 1.10 / 5.00 ms for patches + popcount; at batch 1 repacking the kernel
 # dominates); with fewer channels (an image's 1–3) most bits of each word would be padding.
 CPU_CONV_PACK_MIN_C = 16
 CPU_CONV_PACK_MIN_ROWS = 256
@@ -476,8 +505,7 @@ def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x
         padding, rhs_dilation=rhs_dilation,
         dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))
     accs = jnp.split(out, 2, axis=-1) if two_sums else (out,)
-    if integer:
-      accs = tuple(a.astype(jnp.int32) for a in accs)
+    accs = _integer_sums(accs, integer, x_scale, w_scale)
   else:
     raise NotImplementedError(f"no exact direct convolution of {x.dtype} inputs over K = {k}")
   if x_scale is not None and jnp.ndim(x_scale) > 0:

@@ -39,6 +39,8 @@ POPCOUNT = {
                                                    n_tile=8),
     "tiled_default": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts,
                                                            **ops.CPU_POPCOUNT_TILE),
+    "serial": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts, k_words=1,
+                                                    n_tile=w.pos.shape[1]),
 }
 
 DOT = {
@@ -80,14 +82,20 @@ def test_dot_formulations_exact(name, m, k, n):
   _check(out, _reference(x, t, two_sums))
 
 
-@pytest.mark.parametrize("x_ternary,k,n", [(True, 70, 11), (False, 71, 13)])
-def test_dispatch_exact_around_thresholds(monkeypatch, x_ternary, k, n):
+@pytest.mark.parametrize("x_ternary,k,n,serial", [(True, 70, 11, False), (False, 71, 13, False),
+                                                   (True, 72, 12, True), (False, 73, 14, True)])
+def test_dispatch_exact_around_thresholds(monkeypatch, x_ternary, k, n, serial):
   # shapes of their own: xla_matmul is jitted, so the thresholds are read when a shape is traced
   monkeypatch.setattr(ops, "CPU_DOT_PLAIN_MAX_BYTES", 0)  # small w would always take one dot
+  # these small products would always take the word loop: with `serial`, M = 1 and 30..35 do
+  monkeypatch.setattr(ops, "CPU_POPCOUNT_SERIAL_MAX_MN", n if serial else 0)
+  monkeypatch.setattr(ops, "CPU_POPCOUNT_LOOP_MIN_MN", 30 * n if serial else 10 ** 9)
+  monkeypatch.setattr(ops, "CPU_POPCOUNT_LOOP_MAX_M", 35)
+  monkeypatch.setattr(ops, "CPU_SELECT_SERIAL_MAX_MN", n if serial else 0)
   rng = np.random.default_rng(3)
   t = _ternary(rng, (k, n))
   w = packing.pack_bitplanes(jnp.asarray(t), axis=0)
-  limits = ((ops.CPU_POPCOUNT_BROADCAST_MAX_M,) if x_ternary else
+  limits = ((ops.CPU_POPCOUNT_BROADCAST_MAX_M, 29, 35) if x_ternary else
             (ops.CPU_SELECT_MAX_M, ops.CPU_INT8_DOT_MIN_M - 1))
   for m in sorted({1, 40} | {m for limit in limits for m in (limit, limit + 1)}):
     x = _ternary(rng, (m, k)) if x_ternary else rng.integers(-128, 128, (m, k)).astype(np.int8)
