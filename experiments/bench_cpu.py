@@ -79,15 +79,29 @@ def time_interleaved(fns: dict, args: dict, reps: int, *, block: int = 1,
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-_EVICTION = {}
+@functools.cache
+def _eviction_data() -> jax.Array:
+  return jnp.ones(16 << 20, jnp.float32)
+
+
+_sum = jax.jit(jnp.sum)
 
 
 def evict_caches() -> None:
   """Reads 64 MiB (twice the 32 MiB L3 of the dev VM), so no candidate finds its data cached."""
-  if not _EVICTION:
-    _EVICTION["data"] = jnp.ones(16 << 20, jnp.float32)
-    _EVICTION["sum"] = jax.jit(jnp.sum)
-  _EVICTION["sum"](_EVICTION["data"]).block_until_ready()
+  _sum(_eviction_data()).block_until_ready()
+
+
+def record(rows: list[dict], secs: dict[str, float], base: str, label: str,
+           **key) -> list[dict]:
+  """Appends one row per candidate (``key``, median µs, ratio to ``base``), prints them on one
+  line after ``label``, and returns the new rows."""
+  new = [dict(key, impl=name, median_us=s * 1e6, vs_float32=secs[base] / s)
+         for name, s in secs.items()]
+  rows.extend(new)
+  print(label + "  " + "  ".join(f"{name} {s * 1e3:.3f} ms ({secs[base] / s:.2f}x)"
+                                 for name, s in secs.items()), flush=True)
+  return new
 
 
 COLD = ("float32 dot", "ternary x (popcount)")
@@ -125,13 +139,8 @@ def micro(reps: int, block: int, m_values, kn_values) -> list[dict]:
       cold = time_interleaved({name: fns[name] for name in COLD}, args, reps,
                               before=evict_caches)
       for mode, timed in (("warm", secs), ("cold", cold)):
-        base = timed["float32 dot"]
-        for name, s in timed.items():
-          rows.append(dict(m=m, k=k, n=n, impl=name, mode=mode, median_us=s * 1e6,
-                           vs_float32=base / s))
-        print(f"M={m:4d} K={k:5d} N={n:5d} {mode}  " + "  ".join(
-            f"{name} {s * 1e3:.3f} ms ({base / s:.2f}x)" for name, s in timed.items()),
-            flush=True)
+        record(rows, timed, "float32 dot", f"M={m:4d} K={k:5d} N={n:5d} {mode}", m=m, k=k, n=n,
+               mode=mode)
   return rows
 
 
@@ -164,12 +173,8 @@ def sweep(reps: int, block: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict
       for name, fn in dot.items():
         fns[name], args[name] = jax.jit(fn), (jnp.asarray(xt, jnp.float32), w)
       fns["dot plain int8"], args["dot plain int8"] = jax.jit(dot["dot plain"]), (xt, w)
-      secs = time_interleaved(fns, args, reps, block=block)
-      for name, s in secs.items():
-        rows.append(dict(m=m, k=k, n=n, impl=name, median_us=s * 1e6,
-                         vs_float32=secs["float32 dot"] / s))
-      print(f"M={m:4d} K={k:5d} N={n:5d}  " + "  ".join(
-          f"{name} {s * 1e3:.3f} ms" for name, s in secs.items()), flush=True)
+      record(rows, time_interleaved(fns, args, reps, block=block), "float32 dot",
+             f"M={m:4d} K={k:5d} N={n:5d}", m=m, k=k, n=n)
   return rows
 
 
@@ -196,12 +201,8 @@ def conv_sweep(reps: int, block: int, batches=(1, 4, 16, 64)) -> list[dict]:
                                        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     for fn in fns.values():
       np.testing.assert_array_equal(np.asarray(fn(x, w)).astype(np.int32), ref)
-    secs = time_interleaved(fns, {name: (x, w) for name in fns}, reps, block=block)
-    base = secs["conv float32"]
-    for name, s in secs.items():
-      rows.append(dict(batch=batch, impl=name, median_us=s * 1e6, vs_float32=base / s))
-    print(f"conv batch {batch:3d}  " + "  ".join(
-        f"{name} {s * 1e3:.3f} ms" for name, s in secs.items()), flush=True)
+    record(rows, time_interleaved(fns, {name: (x, w) for name in fns}, reps, block=block),
+           "conv float32", f"conv batch {batch:3d}", batch=batch)
   return rows
 
 
@@ -211,8 +212,6 @@ def unpack(w: packing.Bitplanes) -> jax.Array:
 
 E2E_MODELS = {"mlp": models.mlp, "lenet5": models.lenet5}
 E2E_ACTIVATIONS = ("none", "ternary")
-
-
 E2E_BLOCK = {1: 20, 256: 3}  # calls back to back per round (warm-up of the block excluded)
 
 
@@ -243,13 +242,9 @@ def end_to_end(reps: int, batches=(1, 256)) -> list[dict]:
       for batch in batches:
         x = jnp.asarray(rng.random((batch, 28, 28, 1), np.float32))
         secs = time_interleaved(fns, {k: (x,) for k in fns}, reps, block=E2E_BLOCK[batch])
-        base = secs["float32 model"]
-        for impl, s in secs.items():
-          rows.append(dict(model=name, batch=batch, impl=impl, median_us=s * 1e6,
-                           images_per_s=batch / s, vs_float32=base / s))
-        print(f"{name:6s} batch {batch:3d}  " + "  ".join(
-            f"{impl} {s * 1e3:.3f} ms ({base / s:.2f}x)" for impl, s in secs.items()),
-            flush=True)
+        for row in record(rows, secs, "float32 model", f"{name:6s} batch {batch:3d}",
+                          model=name, batch=batch):
+          row["images_per_s"] = batch / secs[row["impl"]]
   return rows
 
 

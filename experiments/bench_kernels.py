@@ -107,15 +107,18 @@ def device_time(fn, args, ops_per_call: int, calls: int = 5):
   return device, mean, statistics.median(walls) * 1e6, names
 
 
+def _backends():
+  """``(name, module)`` of the kernel backends that imported (jax-triton may be missing)."""
+  modules = ((b, getattr(kernels, f"ternary_matmul_{b}")) for b in ("pallas", "triton"))
+  return [(b, module) for b, module in modules if module is not None]
+
+
 def _variants(m, k, n):
   """(label, kind, fn(x, w), bytes moved) for every timed implementation of a shape."""
   out = []
   kw = cdiv(k, 32)
   packed_w = 2 * 4 * kw * n
-  for backend in ("pallas", "triton"):
-    module = getattr(kernels, f"ternary_matmul_{backend}")
-    if module is None:
-      continue
+  for backend, module in _backends():
     default = BlockSizes.get_default(m, n, k, x_ternary=True)
     for bs in [default] + [b for b in _sweep(m, k, n) if b != default]:
       x_bytes = 2 * 4 * m * kw if bs.kernel == "popcount" else m * k
@@ -158,10 +161,7 @@ def check(seed: int = 0) -> list[str]:
       ref = ops.xla_matmul(x, w, x_ternary=True)
     else:  # the same integers, from XLA's int8 dot (the popcount reference is slow at 4096³)
       ref = lax.dot_general(x, t, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    for backend in ("pallas", "triton"):
-      module = getattr(kernels, f"ternary_matmul_{backend}")
-      if module is None:
-        continue
+    for backend, module in _backends():
       got = {"ternary": (module.ternary_matmul(x, w, x_ternary=True, block_sizes=bs), ref)}
       if full:
         ws, wsn = jax.random.uniform(ks, (2, n))

@@ -66,7 +66,7 @@ from ternjax import ops, packing, quantizers
 from ternjax.layers import TernaryOperands
 from ternjax.models import Flatten, MaxPool, ReLU
 from ternjax.runtime_numpy import (ARRAYS_ITEM, FORMAT_VERSION, METADATA_ITEM, ExportError,
-                                   check_arrays, read_metadata, sha256)
+                                   check_arrays, read_metadata, sha256, unreadable_arrays)
 
 __all__ = ["ExportError", "FORMAT_VERSION", "Inference", "export", "forward", "load",
            "model_card", "package", "size_report"]
@@ -392,9 +392,7 @@ def _restore_arrays(directory: Path, meta: dict) -> dict:
           ARRAYS_ITEM: ocp.args.PyTreeRestore(restore_args=restore_args)}))
     arrays = restored[ARRAYS_ITEM]
   except Exception as err:  # Orbax / TensorStore raise many types; one line says what failed.
-    first = (str(err).splitlines() or [""])[0][:160]
-    raise ExportError(f"{directory}: corrupted export: cannot read its arrays "
-                      f"({type(err).__name__}: {first})") from err
+    raise unreadable_arrays(directory, err) from err
   check_arrays(arrays, meta, directory)
   return arrays
 

@@ -334,8 +334,9 @@ def xla_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg
     accs = _dot_plain(x, w, two_sums)
   else:
     xf = x.astype(jnp.float32)
-    small = m * w.pos.shape[1] <= CPU_SELECT_SERIAL_MAX_MN
-    if 4 * k * w.pos.shape[1] <= CPU_DOT_PLAIN_MAX_BYTES and not small:
+    n = w.pos.shape[1]
+    small = m * n <= CPU_SELECT_SERIAL_MAX_MN
+    if 4 * k * n <= CPU_DOT_PLAIN_MAX_BYTES and not small:
       accs = _dot_plain(xf, w, two_sums)
     elif m <= CPU_SELECT_MAX_M or small:
       accs = _dot_blocked(xf, w, two_sums, CPU_SELECT_K_WORDS, select=True)
@@ -428,10 +429,11 @@ def conv_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int], pa
   return _c_major(_window_patches(x, window, strides, padding, rhs_dilation), x.shape[-1])
 
 
-def _window_major(w: Bitplanes, channels: int) -> Bitplanes:
-  """Rows of a :func:`kernel_to_matrix` matrix reordered from (C, *window) to (*window, C)."""
-  t = unpack_bitplanes(w).reshape(channels, -1, w.pos.shape[1])
-  return pack_bitplanes(jnp.swapaxes(t, 0, 1).reshape(w.length, -1), axis=0)
+def _window_major_trits(w: Bitplanes, channels: int, dtype=jnp.int8) -> jax.Array:
+  """The trits of a :func:`kernel_to_matrix` matrix, rows reordered from (C, *window) to
+  (*window, C): ``(prod(window), C, O)``."""
+  t = unpack_bitplanes(w, dtype).reshape(channels, -1, w.pos.shape[1])
+  return jnp.swapaxes(t, 0, 1)
 
 
 # ternary_conv reorders the patches (not the weights) up to M = this × N rows (measured with
@@ -449,8 +451,7 @@ def _conv_kernel(w: Bitplanes, channels: int, window: Sequence[int], dtype,
                  two_sums: bool) -> jax.Array:
   """The ``(*window, C, O)`` kernel of a :func:`kernel_to_matrix` matrix as ``dtype``; with
   ``two_sums`` its ``[t = +1]`` and ``[t = −1]`` kernels concatenated along ``O``."""
-  t = unpack_bitplanes(w, dtype).reshape(channels, *window, -1)
-  t = jnp.moveaxis(t, 0, -2)
+  t = _window_major_trits(w, channels, dtype).reshape(*window, channels, -1)
   return jnp.concatenate([(t == 1).astype(dtype), (t == -1).astype(dtype)], -1) if two_sums else t
 
 
@@ -466,8 +467,7 @@ def _conv_popcount(x, w: Bitplanes, window, strides, padding, rhs_dilation, two_
   out_spatial = patches[0].shape[:-1]
   rows = [a.reshape(-1, a.shape[-1]) for a in patches]
   cw = xw[0].shape[-1]
-  t = jnp.moveaxis(unpack_bitplanes(w).reshape(c, *window, -1), 0, -2)
-  t = jnp.pad(t, [(0, 0)] * len(window) + [(0, cw * WORD_BITS - c), (0, 0)])
+  t = jnp.pad(_window_major_trits(w, c), [(0, 0), (0, cw * WORD_BITS - c), (0, 0)])
   planes = _w_planes(pack_bitplanes(t.reshape(-1, t.shape[-1]), axis=0), two_sums)
   return tuple(a.reshape(*out_spatial, -1) for a in _popcount_cpu(rows, planes, two_sums))
 
@@ -528,7 +528,7 @@ def _patches_conv(x, w, *, window, strides, padding, rhs_dilation, x_scale, impl
   if x.shape[-1] > 1 and rows.shape[0] <= CONV_REORDER_PATCHES_MAX_M * w.pos.shape[1]:
     rows = _c_major(patches, x.shape[-1]).reshape(rows.shape)
   elif x.shape[-1] > 1:
-    w = _window_major(w, x.shape[-1])
+    w = pack_bitplanes(_window_major_trits(w, x.shape[-1]).reshape(w.length, -1), axis=0)
   if x_scale is not None and jnp.ndim(x_scale) > 0:
     x_scale = jnp.broadcast_to(jnp.reshape(x_scale, (-1,) + (1,) * (len(out_spatial) - 1)),
                                out_spatial).reshape(-1, 1)

@@ -77,6 +77,13 @@ def check_arrays(arrays: dict, meta: dict, directory) -> None:
                           f"recorded shape, dtype or checksum")
 
 
+def unreadable_arrays(directory, err: Exception) -> ExportError:
+  """The one-line error for an export whose arrays cannot be read (the cause's first line)."""
+  first = (str(err).splitlines() or [""])[0][:160]
+  return ExportError(f"{directory}: corrupted export: cannot read its arrays "
+                     f"({type(err).__name__}: {first})")
+
+
 def read_arrays(directory, meta: dict) -> dict[str, dict[str, np.ndarray]]:
   """Reads the export's arrays with TensorStore (no JAX), checked against the metadata."""
   import tensorstore as ts
@@ -92,8 +99,7 @@ def read_arrays(directory, meta: dict) -> dict[str, dict[str, np.ndarray]]:
                                      "path": f"{i}.{name}"}}, open=True, read=True).result()
         arrays.setdefault(str(i), {})[name] = np.asarray(store.read().result())
   except (OSError, ValueError, json.JSONDecodeError) as err:
-    raise ExportError(f"{directory}: corrupted export: cannot read its arrays "
-                      f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    raise unreadable_arrays(directory, err) from None
   check_arrays(arrays, meta, directory)
   return arrays
 
