@@ -5,6 +5,10 @@
   python experiments/mnist.py --model ternary_cnn            # ternary weights and activations
   python experiments/mnist.py --limit 1024 --epochs 1        # smoke run on a subset
   python experiments/mnist.py ... --resume                   # continue an interrupted run
+  python experiments/mnist.py ... --devices 4                # data parallel on 4 devices
+  python experiments/mnist.py ... --coordinator HOST:PORT --num-processes N --process-id I
+                                          # one process per machine or GPU (README: "Multiple
+                                          # GPUs and hosts")
 
 Each run writes config.json, metrics.jsonl, checkpoints/ and summary.json into --out (default
 runs/mnist-MODEL-WEIGHTS-DATASET-sSEED), and refuses a non-empty --out unless given --resume
@@ -33,6 +37,7 @@ from flax import nnx
 
 import ternjax as tj
 from ternjax import data as tjdata
+from ternjax import distributed as tjdist
 from ternjax import export as tjexport
 from ternjax.layers import ACTIVATION_METHODS, WEIGHT_METHODS
 from ternjax.train import TrainConfig, train_and_evaluate
@@ -83,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--limit", type=int, help="use only the first N train and test examples")
   p.add_argument("--export", metavar="DIR",
                  help="after training, write an inference export to DIR (ternjax.export)")
+  tjdist.add_arguments(p)
   args = p.parse_args(argv)
   if args.model == "ternary_cnn":
     if args.activations == "int8":
@@ -93,6 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.out = args.out or f"runs/mnist-{args.model}-{args.weights}-{args.dataset}-s{args.seed}"
   try:
     args.config = get_config(args)
+    tjdist.check_arguments(args)
   except ValueError as err:
     p.error(str(err))
   args.error = p.error
@@ -102,26 +109,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   try:
+    mesh = tjdist.setup(args)
     data = tjdata.load(args.dataset, source=args.source, data_dir=args.data_dir)
-  except tjdata.DataError as err:
+  except (ValueError, tjdist.DistributedError, tjdata.DataError) as err:
     args.error(str(err))
   if args.limit:
     data = data.subset(args.limit)
   for note in data.notes:
-    print(f"note: {note}")
+    tjdist.log(f"note: {note}")
   model = build_model(args)
-  print(tj.summary(model))
+  tjdist.log(str(tj.summary(model)))
   meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
           "fp_first_last": args.fp_first_last, "limit": args.limit}
   try:
     result = train_and_evaluate(args.config, model, data, args.out, resume=args.resume,
-                                overwrite=args.overwrite, meta=meta)
+                                overwrite=args.overwrite, meta=meta, mesh=mesh)
   except (FileExistsError, ValueError) as err:
     args.error(str(err))
-  print(f"final test accuracy: {result['test_accuracy']:.4f} ({args.model}, {args.weights}, "
-        f"{data.name}; {result['train_time_s']:.1f} s training on {result['device']}) -> "
-        f"{args.out}/summary.json")
-  if args.export:
+  tjdist.log(f"final test accuracy: {result['test_accuracy']:.4f} ({args.model}, "
+             f"{args.weights}, {data.name}; {result['train_time_s']:.1f} s training on "
+             f"{result['devices']} × {result['device']}) -> {args.out}/summary.json")
+  if args.export and tjdist.is_main():
     try:
       path = tjexport.export(model, args.export, model_name=args.model,
                              input_shape=data.x_test.shape[1:], classes=data.num_classes,
@@ -129,7 +137,7 @@ def main(argv=None) -> dict:
                              overwrite=args.overwrite)
     except tjexport.ExportError as err:
       args.error(str(err))
-    print(f"export: {path} ({tjexport.size_report(path)['disk_bytes']:,} bytes on disk)")
+    tjdist.log(f"export: {path} ({tjexport.size_report(path)['disk_bytes']:,} bytes on disk)")
   return result
 
 

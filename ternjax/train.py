@@ -18,6 +18,11 @@ Speed: the model and optimizer are split once (``nnx.split``) and trained by one
 function of their state (donated) that runs ``lax.scan`` over a chunk of steps, gathering and
 augmenting each batch on the device; Python and NNX graph work happen once per chunk (a whole
 epoch by default), not once per step. The state goes back into the model at epoch ends only.
+
+Data parallel: given a ``mesh`` (:func:`ternjax.distributed.setup`), each batch is sharded along
+its ``data`` axis while parameters, optimizer state and the dataset are replicated; the batch
+size stays global, so a run gives the same result on any number of devices and processes (up to
+float rounding). Process 0 alone logs and writes files; checkpoints are saved by all together.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from ternjax import distributed
 from ternjax.data import Dataset
 from ternjax.layers import TernaryOperands
 
@@ -144,48 +152,77 @@ def loss_fn(model, images, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
 
-def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig):
+def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | None = None):
   """``chunk(state, images, labels, batches, key) -> (state, (losses, corrects))``, jitted.
 
   ``state`` is ``nnx.split((model, optimizer))``'s (donated); the function runs one step per
   row of ``batches`` (indices into the device-resident ``images``/``labels``) in ``lax.scan``.
-  Step ``s`` augments with ``fold_in(key, s)``, ``s`` being the optimizer's step count.
+  Step ``s`` augments with ``fold_in(key, s)``, ``s`` being the optimizer's step count. With a
+  ``mesh``, each gathered batch is sharded along its ``data`` axis and the outputs replicated.
   """
+  shard = _constrain(mesh, P(distributed.DATA))
+
   def step(state, idx, images, labels, key):
     model, optimizer = nnx.merge(graphdef, state)
-    x = augment(preprocess(images[idx]), jax.random.fold_in(key, optimizer.step[...]), config)
-    y = labels[idx]
+    x, y = shard(images[idx]), shard(labels[idx])
+    x = augment(preprocess(x), jax.random.fold_in(key, optimizer.step[...]), config)
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(model, x, y, config.label_smoothing)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), (loss, jnp.sum(jnp.argmax(logits, -1) == y))
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=_sharding(mesh, P()))
   def chunk(state, images, labels, batches, key):
     return lax.scan(lambda s, idx: step(s, idx, images, labels, key), state, batches)
 
   return chunk
 
 
+def _sharding(mesh: Mesh | None, spec: P) -> NamedSharding | None:
+  return None if mesh is None else NamedSharding(mesh, spec)
+
+
+def _constrain(mesh: Mesh | None, spec: P):
+  """``x -> with_sharding_constraint(x, spec)`` on ``mesh`` (identity without a mesh)."""
+  if mesh is None:
+    return lambda x: x
+  return lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _put(tree, sharding: NamedSharding | None):
+  """``jax.device_put`` of a state (PRNG keys as their raw data: a multi-process put takes none)."""
+  def put(x):
+    if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.device_put(x, sharding)
+    data = jax.device_put(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.tree.map(put, tree)
+
+
 @functools.lru_cache(maxsize=16)
-def _predict_fn(graphdef: nnx.GraphDef):
-  return jax.jit(lambda state, images: nnx.merge(graphdef, state)(preprocess(images))
-                 .astype(jnp.float32))
+def _predict_fn(graphdef: nnx.GraphDef, mesh: Mesh | None = None, shard: bool = False):
+  """Jitted logits; with a ``mesh``, the batch is sharded (``shard``) and the logits replicated."""
+  constrain = _constrain(mesh if shard else None, P(distributed.DATA))
+  return jax.jit(lambda state, images: nnx.merge(graphdef, state)(preprocess(constrain(images)))
+                 .astype(jnp.float32), out_shardings=_sharding(mesh, P()))
 
 
-def predict(model, images, batch_size: int) -> np.ndarray:
-  """Float32 logits of ``model`` in eval mode over ``images`` (uint8 NHWC), in batches."""
+def predict(model, images, batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+  """Float32 logits of ``model`` in eval mode over ``images`` (uint8 NHWC), in batches (sharded
+  over ``mesh``'s devices where they divide the batch)."""
   model.eval()
   graphdef, state = nnx.split(model)
-  fn = _predict_fn(graphdef)
-  return np.concatenate([np.asarray(fn(state, images[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)])
+  batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+  size = 1 if mesh is None else mesh.size
+  return np.concatenate([np.asarray(_predict_fn(graphdef, mesh, len(b) % size == 0)(state, b))
+                         for b in batches])
 
 
 def evaluate(model, images, labels, batch_size: int,
-             subsets: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], np.ndarray]:
+             subsets: dict[str, np.ndarray] | None = None,
+             mesh: Mesh | None = None) -> tuple[dict[str, float], np.ndarray]:
   """Test loss and accuracy (also ``accuracy_<name>`` on each index subset), and the logits."""
-  logits = predict(model, images, batch_size)
+  logits = predict(model, images, batch_size, mesh)
   labels = np.asarray(labels)
   loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), labels).mean()
   correct = logits.argmax(-1) == labels
@@ -268,16 +305,23 @@ def _chunks(batches: np.ndarray, steps_per_call: int) -> list[np.ndarray]:
 
 def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, workdir, *,
                        resume: bool = False, overwrite: bool = False, meta: dict | None = None,
-                       test_subsets: dict[str, np.ndarray] | None = None) -> dict:
+                       test_subsets: dict[str, np.ndarray] | None = None,
+                       mesh: Mesh | None = None) -> dict:
   """Trains ``model`` in place as ``config`` says; returns (and saves) the final summary.
 
   ``test_subsets`` maps names to test-record indices whose accuracy is reported too
-  (``test_accuracy_<name>``), e.g. CIFAR-10's exact records.
+  (``test_accuracy_<name>``), e.g. CIFAR-10's exact records. ``mesh``: train data parallel on
+  its devices (every process calls this alike); ``None``: the plain loop on the default device.
   """
   workdir = Path(workdir)
   config_json = {"train": dataclasses.asdict(config), "dataset": data.name,
                  "train_examples": len(data.y_train), **(meta or {})}
-  _prepare_workdir(workdir, json.loads(json.dumps(config_json)), resume, overwrite)
+  devices = 1 if mesh is None else mesh.size
+  if config.batch_size % devices:
+    raise ValueError(f"batch size {config.batch_size} is not a multiple of the {devices} "
+                     "devices")
+  distributed.on_main(_prepare_workdir, workdir, json.loads(json.dumps(config_json)), resume,
+                      overwrite)
   steps_per_epoch = len(data.y_train) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch size {config.batch_size} exceeds the {len(data.y_train)} "
@@ -285,20 +329,27 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
   tx, schedule = make_optimizer(config, steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True)
-  x_train, y_train, x_test, y_test = map(
-      jnp.asarray, (data.x_train, data.y_train, data.x_test, data.y_test))
-  aug_key = jax.random.key(config.seed)
+  replicated = _sharding(mesh, P())
+  x_train, y_train, x_test, y_test = _put(
+      (data.x_train, data.y_train, data.x_test, data.y_test), replicated)
+  aug_key = _put(jax.random.key(config.seed), replicated)
+  nnx.update((model, optimizer), _put(nnx.state((model, optimizer)), replicated))
   history_path = workdir / "metrics.jsonl"
 
-  with ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager:
+  # stop_on_failure inside: a lost peer ends the run before the manager waits for its saves.
+  with (ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager,
+        distributed.stop_on_failure()):
     start = _restore(manager, model, optimizer) if manager.latest_step() is not None else 0
     history = _read_metrics(history_path, start)
-    history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    distributed.barrier("metrics read")  # before process 0 rewrites the file
+    if distributed.is_main():
+      history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     if start:
-      print(f"resumed from {workdir}/checkpoints/{start} (epoch {start}/{config.epochs})")
+      distributed.log(f"resumed from {workdir}/checkpoints/{start} "
+                      f"(epoch {start}/{config.epochs})")
     model.train()
     graphdef, _ = nnx.split((model, optimizer))
-    train_chunk = make_train_chunk(graphdef, config)
+    train_chunk = make_train_chunk(graphdef, config, mesh)
     compiled = {}  # chunk length -> compiled train_chunk (compiled ahead, timed apart)
     for epoch in range(start + 1, config.epochs + 1):
       order = np.random.default_rng([config.seed, epoch]).permutation(len(data.y_train))
@@ -309,8 +360,10 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
       compile_time = epoch_time = 0.0
       losses, corrects = [], []
       for idx in tqdm(_chunks(batches.astype(np.int32), config.steps_per_call),
-                      desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None):
-        args = (x_train, y_train, jnp.asarray(idx), aug_key)
+                      desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                      disable=None if distributed.is_main() else True):
+        args = (x_train, y_train, jax.device_put(idx, _sharding(mesh, P(None, distributed.DATA))),
+                aug_key)
         if len(idx) not in compiled:
           t0 = time.perf_counter()
           compiled[len(idx)] = train_chunk.lower(state, *args).compile()
@@ -323,7 +376,7 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
       nnx.update((model, optimizer), state)
       train_loss = float(jnp.concatenate(losses).mean())
       train_accuracy = int(jnp.concatenate(corrects).sum()) / batches.size
-      test, _ = evaluate(model, x_test, y_test, config.eval_batch_size, test_subsets)
+      test, _ = evaluate(model, x_test, y_test, config.eval_batch_size, test_subsets, mesh)
       record = {"epoch": epoch, "step": int(optimizer.step[...]),
                 "train_loss": train_loss, "train_accuracy": train_accuracy,
                 **{f"test_{k}": v for k, v in test.items()},
@@ -331,14 +384,19 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
                 "images_per_s": batches.size / epoch_time, "compile_time": compile_time,
                 "sparsity": weight_sparsity(model)}
       history.append(record)
-      with history_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      if distributed.is_main():
+        with history_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
       manager.save(epoch, args=ocp.args.StandardSave(_to_saveable(nnx.state((model, optimizer)))))
-      tqdm.write(f"epoch {epoch:3d}/{config.epochs}  loss {train_loss:.4f}  "
-                 f"train acc {train_accuracy:.4f}  test acc {test['accuracy']:.4f}  "
-                 f"lr {record['lr']:.2e}  {epoch_time:.1f}s  {record['images_per_s']:,.0f} img/s"
-                 + (f"  (compile {compile_time:.1f}s)" if compile_time else ""))
+      distributed.log(f"epoch {epoch:3d}/{config.epochs}  loss {train_loss:.4f}  "
+                      f"train acc {train_accuracy:.4f}  test acc {test['accuracy']:.4f}  "
+                      f"lr {record['lr']:.2e}  {epoch_time:.1f}s  "
+                      f"{record['images_per_s']:,.0f} img/s"
+                      + (f"  (compile {compile_time:.1f}s)" if compile_time else ""))
     manager.wait_until_finished()
+  if mesh is not None:  # back to this process's own arrays (export, predict need no peers)
+    nnx.update((model, optimizer), jax.tree.map(lambda x: x.addressable_data(0),
+                                                nnx.state((model, optimizer))))
 
   if not history:  # finished before: the checkpoint holds the final model
     raise ValueError(f"{workdir}: no metrics recorded; start the run again with --overwrite")
@@ -354,7 +412,9 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
                                    / train_time,
              "sparsity": last["sparsity"], "resumed_from_epoch": start,
              "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+             "devices": devices, "processes": jax.process_count(),
              "jax": jax.__version__, "data_source": data.source, "data_notes": list(data.notes),
              **(meta or {})}
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if distributed.is_main():
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
