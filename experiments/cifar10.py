@@ -5,6 +5,10 @@
   python experiments/cifar10.py --model resnet18 --activations ternary
   python experiments/cifar10.py --model resnet20 --weights ttq --init-from runs/FLOAT_RUN
   python experiments/cifar10.py --limit 512 --epochs 1 --batch-size 64   # smoke run
+  python experiments/cifar10.py --model resnet18 --devices 8          # data parallel, 8 GPUs
+  python experiments/cifar10.py ... --coordinator HOST:PORT --num-processes N --process-id I
+                                          # one process per machine or GPU (README: "Multiple
+                                          # GPUs and hosts")
 
 Each run writes config.json, metrics.jsonl, checkpoints/, summary.json and the accuracy report
 (report.json, confusion.png, confidence.png) into --out (default
@@ -31,6 +35,7 @@ from flax import nnx
 
 import ternjax as tj
 from ternjax import data as tjdata
+from ternjax import distributed as tjdist
 from ternjax import report as tjreport
 from ternjax import train as tjtrain
 from ternjax.layers import ACTIVATION_METHODS, WEIGHT_METHODS
@@ -80,7 +85,7 @@ def build_model(args: argparse.Namespace) -> nnx.Module:
   float_model = build(tj.QuantConfig(weights="fp", activations=source["activations"]),
                       source["fp_first"], source["fp_last"], source["dtype"])
   epoch = tjtrain.restore_model(args.init_from, float_model)
-  print(f"fine-tuning from {args.init_from}/checkpoints/{epoch}")
+  tjdist.log(f"fine-tuning from {args.init_from}/checkpoints/{epoch}")
   return tj.ternarize(float_model, [tj.Rule(r".*", quant)], rngs=_rngs(args.seed + 1),
                       sample_input=jnp.zeros((1, 32, 32, 3)), keep_first=args.fp_first,
                       keep_last=args.fp_last)
@@ -113,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--init-from", metavar="RUN_DIR",
                  help="fine-tune the ternary twin of this float run's last checkpoint")
   p.add_argument("--limit", type=int, help="use only the first N train and test examples")
+  tjdist.add_arguments(p)
   args = p.parse_args(argv)
   if args.limit is not None and args.limit < 1:
     p.error(f"--limit must be positive, got {args.limit}")
@@ -122,6 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.out = args.out or f"runs/cifar10-{args.model}-{args.weights}{acts}-s{args.seed}"
   try:
     args.config = get_config(args)
+    tjdist.check_arguments(args)
   except ValueError as err:
     p.error(str(err))
   args.error = p.error
@@ -131,8 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   try:
+    mesh = tjdist.setup(args)
     data = tjdata.load("cifar10", data_dir=args.data_dir)
-  except tjdata.DataError as err:
+  except (ValueError, tjdist.DistributedError, tjdata.DataError) as err:
     args.error(str(err))
   if args.limit:
     data = data.subset(args.limit)
@@ -141,23 +149,25 @@ def main(argv=None) -> dict:
   if n > EXACT_TEST_RECORDS:
     subsets["degraded"] = np.arange(EXACT_TEST_RECORDS, n)
   model = build_model(args)
-  print(tj.summary(model))
+  tjdist.log(str(tj.summary(model)))
   meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
           "fp_first": args.fp_first, "fp_last": args.fp_last, "dtype": args.dtype,
           "init_from": args.init_from, "limit": args.limit}
   try:
     result = tjtrain.train_and_evaluate(args.config, model, data, args.out, resume=args.resume,
                                         overwrite=args.overwrite, meta=meta,
-                                        test_subsets=subsets)
+                                        test_subsets=subsets, mesh=mesh)
   except (FileExistsError, ValueError) as err:
     args.error(str(err))
-  logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
-  tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
-                 title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
-  print(f"final test accuracy: {result['test_accuracy']:.4f} (exact records "
-        f"{result['test_accuracy_exact']:.4f}; {args.model}, {args.weights}; "
-        f"{result['train_time_s']:.1f} s training, {result['train_images_per_s']:,.0f} img/s "
-        f"on {result['device']}) -> {args.out}/summary.json, report.json")
+  if tjdist.is_main():  # the model holds this process's own arrays again: no peers needed
+    logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
+    tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
+                   title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
+  tjdist.log(f"final test accuracy: {result['test_accuracy']:.4f} (exact records "
+             f"{result['test_accuracy_exact']:.4f}; {args.model}, {args.weights}; "
+             f"{result['train_time_s']:.1f} s training, {result['train_images_per_s']:,.0f} "
+             f"img/s on {result['devices']} × {result['device']}) -> {args.out}/summary.json, "
+             "report.json")
   return result
 
 

@@ -23,9 +23,11 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 DATA = "data"  # the mesh axis the batch is sharded along
@@ -107,6 +109,23 @@ def make_mesh(devices: int | None = None) -> Mesh:
   return jax.make_mesh((n,), (DATA,), axis_types=(AxisType.Auto,), devices=chosen)
 
 
+def sharding(mesh: Mesh | None, *spec) -> NamedSharding | None:
+  """``NamedSharding(mesh, P(*spec))``: ``sharding(mesh)`` replicates, ``sharding(mesh, DATA)``
+  splits the leading axis over the devices; ``None`` (the default device) without a mesh."""
+  return None if mesh is None else NamedSharding(mesh, P(*spec))
+
+
+def put(tree, sharding: NamedSharding | None):
+  """``jax.device_put`` of a pytree, PRNG keys too (as their raw data: a multi-process
+  ``device_put`` takes no key arrays)."""
+  def put_leaf(x):
+    if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.device_put(x, sharding)
+    data = jax.device_put(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.tree.map(put_leaf, tree)
+
+
 def is_main() -> bool:
   """Whether this is process 0, the one that logs and writes files."""
   return jax.process_index() == 0
@@ -131,7 +150,7 @@ def on_main(fn, *args) -> None:
   if is_main():
     try:
       fn(*args)
-    except Exception as err:  # re-raised below, on every process
+    except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
       error = err
   if jax.process_count() > 1:
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))

@@ -41,8 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from ternjax import distributed
@@ -160,7 +159,7 @@ def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | N
   Step ``s`` augments with ``fold_in(key, s)``, ``s`` being the optimizer's step count. With a
   ``mesh``, each gathered batch is sharded along its ``data`` axis and the outputs replicated.
   """
-  shard = _constrain(mesh, P(distributed.DATA))
+  shard = _constrain(mesh, distributed.DATA)
 
   def step(state, idx, images, labels, key):
     model, optimizer = nnx.merge(graphdef, state)
@@ -171,40 +170,26 @@ def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | N
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), (loss, jnp.sum(jnp.argmax(logits, -1) == y))
 
-  @functools.partial(jax.jit, donate_argnums=0, out_shardings=_sharding(mesh, P()))
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=distributed.sharding(mesh))
   def chunk(state, images, labels, batches, key):
     return lax.scan(lambda s, idx: step(s, idx, images, labels, key), state, batches)
 
   return chunk
 
 
-def _sharding(mesh: Mesh | None, spec: P) -> NamedSharding | None:
-  return None if mesh is None else NamedSharding(mesh, spec)
-
-
-def _constrain(mesh: Mesh | None, spec: P):
-  """``x -> with_sharding_constraint(x, spec)`` on ``mesh`` (identity without a mesh)."""
+def _constrain(mesh: Mesh | None, *spec):
+  """``x -> with_sharding_constraint(x, P(*spec))`` on ``mesh`` (identity without a mesh)."""
   if mesh is None:
     return lambda x: x
-  return lambda x: lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def _put(tree, sharding: NamedSharding | None):
-  """``jax.device_put`` of a state (PRNG keys as their raw data: a multi-process put takes none)."""
-  def put(x):
-    if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.device_put(x, sharding)
-    data = jax.device_put(jax.random.key_data(x), sharding)
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-  return jax.tree.map(put, tree)
+  return lambda x: lax.with_sharding_constraint(x, distributed.sharding(mesh, *spec))
 
 
 @functools.lru_cache(maxsize=16)
 def _predict_fn(graphdef: nnx.GraphDef, mesh: Mesh | None = None, shard: bool = False):
   """Jitted logits; with a ``mesh``, the batch is sharded (``shard``) and the logits replicated."""
-  constrain = _constrain(mesh if shard else None, P(distributed.DATA))
+  constrain = _constrain(mesh if shard else None, distributed.DATA)
   return jax.jit(lambda state, images: nnx.merge(graphdef, state)(preprocess(constrain(images)))
-                 .astype(jnp.float32), out_shardings=_sharding(mesh, P()))
+                 .astype(jnp.float32), out_shardings=distributed.sharding(mesh))
 
 
 def predict(model, images, batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
@@ -342,11 +327,11 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
   tx, schedule = make_optimizer(config, steps_per_epoch)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True)
-  replicated = _sharding(mesh, P())
-  x_train, y_train, x_test, y_test = _put(
+  replicated, rows = distributed.sharding(mesh), distributed.sharding(mesh, None, distributed.DATA)
+  x_train, y_train, x_test, y_test = distributed.put(
       (data.x_train, data.y_train, data.x_test, data.y_test), replicated)
-  aug_key = _put(jax.random.key(config.seed), replicated)
-  nnx.update((model, optimizer), _put(nnx.state((model, optimizer)), replicated))
+  aug_key = distributed.put(jax.random.key(config.seed), replicated)
+  nnx.update((model, optimizer), distributed.put(nnx.state((model, optimizer)), replicated))
   history_path = workdir / "metrics.jsonl"
 
   # stop_on_failure inside: a lost peer ends the run before the manager waits for its saves.
@@ -375,8 +360,7 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
       for idx in tqdm(_chunks(batches.astype(np.int32), config.steps_per_call),
                       desc=f"epoch {epoch}/{config.epochs}", leave=False,
                       disable=None if distributed.is_main() else True):
-        args = (x_train, y_train, jax.device_put(idx, _sharding(mesh, P(None, distributed.DATA))),
-                aug_key)
+        args = (x_train, y_train, jax.device_put(idx, rows), aug_key)
         if len(idx) not in compiled:
           t0 = time.perf_counter()
           compiled[len(idx)] = train_chunk.lower(state, *args).compile()
