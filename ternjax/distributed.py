@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "the same --coordinator and --num-processes and --process-id 0..N-1")
   g.add_argument("--num-processes", type=int)
   g.add_argument("--process-id", type=int)
+  g.add_argument("--local-device-ids", metavar="I,J",
+                 help="the GPUs of this machine that this process uses (default: all; e.g. one "
+                      "process per GPU: --local-device-ids 0, 1, ...)")
   g.add_argument("--cluster", action="store_true",
                  help="take what is not given from the cluster launcher's environment "
                       "(SLURM, Open MPI, mpi4py, Kubernetes: JAX's auto-detection)")
@@ -66,6 +69,10 @@ def check_arguments(args: argparse.Namespace) -> None:
                      "--cluster to read the missing ones from the cluster launcher)")
   if args.coordinator is not None:
     _host_port(args.coordinator)
+  if args.local_device_ids is not None:
+    _ids(args.local_device_ids)
+    if not (args.cluster or args.coordinator):
+      raise ValueError("--local-device-ids goes with --coordinator (or --cluster)")
   if args.num_processes is not None and args.num_processes < 1:
     raise ValueError(f"--num-processes must be at least 1, got {args.num_processes}")
   if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
@@ -88,8 +95,11 @@ def setup(args: argparse.Namespace) -> Mesh:
     if not args.cluster and args.process_id != 0:
       _wait_for(args.coordinator, args.init_timeout)
     # A loopback coordinator listens on loopback only (JAX's default: every interface).
-    local = args.coordinator and _host_port(args.coordinator)[0] in ("localhost", "127.0.0.1", "::1")
+    host = args.coordinator and _host_port(args.coordinator)[0]
+    local = host in ("localhost", "127.0.0.1", "::1")
+    ids = args.local_device_ids and _ids(args.local_device_ids)
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               local_device_ids=ids,
                                initialization_timeout=args.init_timeout,
                                heartbeat_timeout_seconds=args.heartbeat_timeout,
                                coordinator_bind_address=args.coordinator if local else None)
@@ -190,6 +200,13 @@ def _host_port(address: str) -> tuple[str, int]:
   if not host or not port.isdigit() or not 0 < int(port) < 65536:
     raise ValueError(f"--coordinator must be HOST:PORT, got {address!r}")
   return host.strip("[]"), int(port)
+
+
+def _ids(text: str) -> list[int]:
+  ids = text.split(",")
+  if not all(i.strip().isdigit() for i in ids):
+    raise ValueError(f"--local-device-ids must be device numbers like 0,1, got {text!r}")
+  return [int(i) for i in ids]
 
 
 def _wait_for(address: str, timeout: float) -> None:

@@ -59,7 +59,8 @@ np.testing.assert_allclose(four, one, rtol=1e-5)
 assert "all-reduce" in hlo and "f32[12,784]" in hlo and "f32[48,784]" not in hlo, "not sharded"
 # On one device the data-parallel step compiles to the plain one but for sharding annotations.
 cut = lambda line: re.split(r", (sharding|frontend_attributes|metadata)=", line)[0]
-ops = lambda hlo: sorted(re.sub(r"%[\\w.-]+", "", cut(l)) for l in hlo.splitlines()[1:] if " = " in l)
+ops = lambda hlo: sorted(re.sub(r"%[\\w.-]+", "", cut(l))
+                         for l in hlo.splitlines()[1:] if " = " in l)
 assert ops(twenty_steps(distributed.make_mesh(1))[2]) == ops(plain), "the mesh path differs"
 
 model = mlp()
@@ -177,6 +178,8 @@ def test_unreachable_coordinator_stops_with_one_line(tmp_path):
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
      "--process-id must be in [0, 2)"),
     (["--init-timeout", "0"], "--init-timeout"),
+    (["--local-device-ids", "0"], "goes with --coordinator"),
+    (["--cluster", "--local-device-ids", "a"], "device numbers"),
 ])
 def test_bad_distributed_arguments_one_line(argv, words, capsys, tmp_path):
   with pytest.raises(SystemExit) as exit_:
