@@ -8,19 +8,12 @@
 
 Each run writes config.json, metrics.jsonl, checkpoints/ and summary.json into --out (default
 runs/mnist-MODEL-WEIGHTS-DATASET-sSEED), and refuses a non-empty --out unless given --resume
-or --overwrite. Data: --data-dir, else $TERNJAX_DATA, else ~/.cache/ternjax (downloaded there
-when missing and the network is up).
+or --overwrite. Data: --data-dir, else $TERNJAX_DATA, else ~/.cache/ternjax, else (MNIST) the
+copy shipped in experiments/data/mnist; files found nowhere are downloaded into the first of
+these when the network is up.
 
-What to expect (MNIST test accuracy after the last epoch, seeds 0/1/2; every conv/linear layer
-ternary, first and last included; experiments/results/mnist.md has every run):
-
-* mlp, TWN: 98.88% in 15 epochs, 41 s of training (56 s for the whole command) on a 2-core
-  CPU shared with other jobs (jax 0.10.2).
-* lenet5, TWN: 99.57 / 99.59 / 99.56%; TTQ: 99.46 / 99.53 / 99.42% (30 epochs).
-* ternary_cnn, TWN: 99.43 / 99.42 / 99.47% (40 epochs).
-  These ran on one H100 (jax 0.11.2), 8-10 runs sharing it, 50-75 s of training each; the
-  2-core CPU needs minutes per lenet5 epoch (0.2-0.6 s a step, measured under load).
-* Fashion-MNIST (seed 0, TWN): mlp 88.10%, lenet5 92.69%, ternary_cnn 91.69%.
+Accuracy and time of each recipe, with command and machine: README.md (MNIST results) and
+experiments/results/mnist.md.
 """
 
 from __future__ import annotations

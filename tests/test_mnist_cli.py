@@ -52,6 +52,7 @@ def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys):
                                                       ("http://127.0.0.1:9/",)))
   monkeypatch.delenv(data.ENV_VAR, raising=False)
   monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+  monkeypatch.setattr(data, "SHIPPED_DIR", tmp_path / "shipped")
   with pytest.raises(SystemExit) as exit_:
     cli.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
   err = capsys.readouterr().err
@@ -70,6 +71,7 @@ def test_smoke_mlp(tmp_path, capsys):
   assert json.loads((tmp_path / "run" / "summary.json").read_text())["limit"] == 1024
 
 
+@pytest.mark.needs("fashion_mnist")
 def test_smoke_ternary_cnn_fashion(tmp_path):
   result = cli.main(["--model", "ternary_cnn", "--weights", "ttq", "--fp-first-last",
                      "--dataset", "fashion_mnist", "--limit", "256", "--epochs", "1",
