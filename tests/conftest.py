@@ -41,7 +41,9 @@ def _missing_for(item) -> str | None:
 
 
 def pytest_collection_modifyitems(items):
-  """Marks the tests whose data is missing as skipped, unless ``$TERNJAX_REQUIRE_DATA``."""
+  """Runs ``slow`` tests first (with ``-n``, they then overlap the rest), and marks the tests
+  whose data is missing as skipped, unless ``$TERNJAX_REQUIRE_DATA``."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
   if not os.environ.get(REQUIRE_DATA):
     for item in items:
       if reason := _missing_for(item):

@@ -132,6 +132,7 @@ def _final_params(run, epoch):
   return jax.tree.leaves(tree)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
   """SIGKILL a run after epoch 2 of 4 (checkpoint 1 is final by then: a save waits for the last),
   ``--resume`` it: the final parameters equal those of an uninterrupted run bit for bit."""
