@@ -2,7 +2,7 @@
 
 MNIST ships with the repository; the tests that read Fashion-MNIST, CIFAR-10 or TFDS are marked
 ``needs`` (tests/conftest.py: skipped without the data, failed in CI); the checks of parsers and
-refusals write their own small files.
+refusals edit copies of MNIST or write small CIFAR-10 files.
 """
 
 import gzip
@@ -121,7 +121,7 @@ def test_regzipped_and_uncompressed_accepted(mnist_copy):
 
 
 def test_lookup_order(mnist_copy, tmp_path, monkeypatch):
-  """--data-dir first, then $TERNJAX_DATA, then the cache (then the shipped copy, above)."""
+  """--data-dir, $TERNJAX_DATA, the cache (the shipped copy: above); files may sit in a root."""
   flat = tmp_path / "flat"
   shutil.copytree(mnist_copy / "mnist", flat)
   monkeypatch.setenv(data.ENV_VAR, str(mnist_copy))
