@@ -139,8 +139,8 @@ class TestImplementations:
     eager = functools.partial(ops.ternary_matmul, x_ternary=True, implementation=impl)
     jitted = jax.jit(eager)
     for call in (eager, jitted):
-      assert _compiles(lambda: call(jnp.asarray(x), w))  # the first call compiles
-      assert _compiles(lambda: call(x2, w)) == []
+      assert _compiles(functools.partial(call, jnp.asarray(x), w))  # the first call compiles
+      assert _compiles(functools.partial(call, x2, w)) == []
 
   @pytest.mark.parametrize("name", NAMES)
   @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -21,7 +21,8 @@ from ternjax.packing import WORD_BITS, Bitplanes, pack_bitplanes, unpack_bitplan
 
 
 def kernel_to_matrix(kernel: jax.Array) -> jax.Array:
-  """A ``(*window, C, O)`` conv kernel as the ``(C·prod(window), O)`` matrix of :func:`conv_patches`."""
+  """A ``(*window, C, O)`` conv kernel as the ``(C·prod(window), O)`` matrix of
+  :func:`conv_patches`."""
   ndim = kernel.ndim - 2
   return jnp.moveaxis(kernel, ndim, 0).reshape(-1, kernel.shape[-1])
 
@@ -109,7 +110,7 @@ def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x
   if jax.default_backend() != "cpu":
     raise NotImplementedError("direct convolutions are for CPU")
   out_rows = x.shape[0] * math.prod(-(-n // s) for n, s in zip(x.shape[1:-1], strides))
-  if (x_ternary and c >= tuning.conv_pack_min_c and out_rows >= tuning.conv_pack_min_rows):
+  if x_ternary and c >= tuning.conv_pack_min_c and out_rows >= tuning.conv_pack_min_rows:
     accs = conv_popcount(x, w, window, strides, padding, rhs_dilation, two_sums, tuning)
   elif k <= 2 ** 24 if x_ternary else cpu.float_route_exact(x, k):
     sp = "HWD"[:len(window)]
