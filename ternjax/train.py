@@ -284,7 +284,7 @@ def _load(manager, step: int, template, config_sha: str):
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), manifest=ocp.args.JsonRestore()))
-  except Exception as err:  # Orbax and TensorStore raise many kinds for an unreadable item
+  except Exception as err:  # noqa: BLE001 (Orbax, TensorStore: many kinds for a bad file)
     while err.__cause__ is not None:  # the innermost cause names the file
       err = err.__cause__
     first = (str(err).strip().splitlines() or [""])[0][:240]
@@ -297,8 +297,9 @@ def _load(manager, step: int, template, config_sha: str):
   recorded, found = manifest["arrays"], _manifest(_leaves(restored.state), config_sha)["arrays"]
   bad = sorted(k for k in recorded.keys() | found.keys() if recorded.get(k) != found.get(k))
   if bad:
+    more = f" ({len(bad) - 1} more arrays neither)" if len(bad) > 1 else ""
     raise TrainError(f"{path}: corrupted checkpoint: {bad[0]} does not match its recorded shape, "
-                     f"dtype or SHA-256" + (f" ({len(bad) - 1} more arrays neither)" * (len(bad) > 1)))
+                     f"dtype or SHA-256{more}")
   return restored.state
 
 

@@ -146,12 +146,12 @@ def test_wrong_shape_and_edited_config_refused(finished, small, tmp_path):
 
 
 @pytest.mark.parametrize("changes, words", [
-    (dict(lr=float("inf")), "lr must be finite"),
-    (dict(lr=float("nan")), "lr must be finite"),
-    (dict(gamma=float("nan")), "gamma"),
-    (dict(milestones=(0.5, float("inf"))), "milestones"),
-    (dict(seed=-1), "seed"),
-    (dict(batch_size=300), "exceeds the 256 training examples"),
+    ({"lr": float("inf")}, "lr must be finite"),
+    ({"lr": float("nan")}, "lr must be finite"),
+    ({"gamma": float("nan")}, "gamma"),
+    ({"milestones": (0.5, float("inf"))}, "milestones"),
+    ({"seed": -1}, "seed"),
+    ({"batch_size": 300}, "exceeds the 256 training examples"),
 ])
 def test_bad_settings_write_nothing(changes, words, small, tmp_path):
   """Refused before anything is written: a fresh --out is not created, an empty one stays
