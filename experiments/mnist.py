@@ -6,7 +6,8 @@
   python experiments/mnist.py --limit 1024 --epochs 1        # smoke run on a subset
   python experiments/mnist.py ... --resume                   # continue an interrupted run
 
-Each run writes config.json, metrics.jsonl, checkpoints/ and summary.json into --out (default
+Each run writes config.json, metrics.jsonl, checkpoints/, summary.json and the accuracy report
+(report.json, confusion.png, confidence.png) into --out (default
 runs/mnist-MODEL-WEIGHTS-DATASET-sSEED), and refuses a non-empty --out unless given --resume
 (--resume-from EPOCH) or --overwrite. Data: --data-dir (must exist), else $TERNJAX_DATA, else
 ~/.cache/ternjax (downloaded there when missing and the network is up). Bad input (settings,
@@ -37,8 +38,15 @@ import ternjax as tj
 from ternjax import cli
 from ternjax import data as tjdata
 from ternjax import export as tjexport
+from ternjax import report as tjreport
 from ternjax.layers import ACTIVATION_METHODS, WEIGHT_METHODS
-from ternjax.train import TrainConfig, train_and_evaluate
+from ternjax.train import TrainConfig, predict, train_and_evaluate
+
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
 
 # Per-model recipe: Adam with cosine decay to 0, random shifts of up to 2 pixels.
 RECIPES = {
@@ -63,7 +71,7 @@ def build_model(args: argparse.Namespace) -> nnx.Module:
   return tj.models.MODELS[args.model](quant, fp_first_last=args.fp_first_last, rngs=rngs)
 
 
-def parse_args(argv=None) -> tuple[cli.Parser, argparse.Namespace]:
+def parse_args(argv=None) -> argparse.Namespace:
   p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("--model", choices=tuple(tj.models.MODELS), default="mlp")
   p.add_argument("--weights", choices=WEIGHT_METHODS, default="twn")
@@ -79,12 +87,12 @@ def parse_args(argv=None) -> tuple[cli.Parser, argparse.Namespace]:
       p.error("--model ternary_cnn has ternary activations; --activations int8 does not apply")
     args.activations = "ternary"
   args.out = args.out or f"runs/mnist-{args.model}-{args.weights}-{args.dataset}-s{args.seed}"
-  return p, cli.preflight(p, args)
+  return cli.preflight(p, args)
 
 
 def main(argv=None) -> dict:
-  parser, args = parse_args(argv)
-  with cli.errors(parser):
+  args = parse_args(argv)
+  with cli.errors():
     config = get_config(args)
     data = tjdata.load(args.dataset, source=args.source, data_dir=args.data_dir)
     if args.limit:
@@ -98,6 +106,10 @@ def main(argv=None) -> dict:
     result = train_and_evaluate(config, model, data, args.out, resume=args.resume,
                                 resume_from=args.resume_from, overwrite=args.overwrite,
                                 meta=meta)
+    logits = predict(model, data.x_test, config.eval_batch_size)
+    tjreport.write(args.out, logits, data.y_test, CLASS_NAMES[args.dataset],
+                   title=f"{args.model} {args.weights} {data.name}",
+                   extra={**meta, "summary": result})
     print(f"final test accuracy: {result['test_accuracy']:.4f} ({args.model}, {args.weights}, "
           f"{data.name}; {result['train_time_s']:.1f} s training on {result['device']}) -> "
           f"{args.out}/summary.json")

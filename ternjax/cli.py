@@ -3,13 +3,13 @@
 A training script builds a :class:`Parser`, adds its own arguments and the shared ones
 (:func:`add_run_arguments`: validated as they are parsed), calls :func:`preflight` on the
 parsed arguments before it reads data or writes a file, and runs its body in
-``with errors(parser):``, so that the project's known errors (bad data, export, checkpoint or
+``with errors():``, so that the project's known errors (bad data, export, checkpoint or
 settings) end the command with one line on stderr and exit status 2, never a traceback::
 
   parser = cli.Parser(description="...")
   cli.add_run_arguments(parser)
   args = cli.preflight(parser, parser.parse_args(argv))
-  with cli.errors(parser):
+  with cli.errors():
     ...
 """
 
@@ -71,8 +71,9 @@ def existing_dir(text: str) -> Path:
   return path
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-  """The arguments every training script shares: run length, data, run directory, export."""
+def add_run_arguments(p: argparse.ArgumentParser, *, export: bool = True) -> None:
+  """The arguments every training script shares: run length, data, run directory and (if
+  ``export``) the export."""
   p.add_argument("--epochs", type=positive_int)
   p.add_argument("--batch-size", type=positive_int)
   p.add_argument("--lr", type=positive_float, help="peak learning rate")
@@ -89,9 +90,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                  help="continue from this epoch's checkpoint (later ones are moved aside)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace the run in --out (kept aside until the new one's first epoch "
-                 "is saved) and --export")
-  p.add_argument("--export", metavar="DIR",
-                 help="after training, write an inference export to DIR (ternjax.export)")
+                 "is saved)")
+  if export:
+    p.add_argument("--export", metavar="DIR",
+                   help="after training, write an inference export to DIR (ternjax.export; "
+                   "an existing DIR is refused before training unless --overwrite)")
 
 
 def _unusable(path: Path) -> str | None:
@@ -110,10 +113,11 @@ def preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argp
     args.resume = True
   if args.resume and args.overwrite:
     parser.error("--resume and --overwrite exclude each other")
-  for flag, path in (("--out", args.out), ("--export", args.export)):
+  export = getattr(args, "export", None)
+  for flag, path in (("--out", args.out), ("--export", export)):
     if path is not None and (why := _unusable(Path(path))):
       parser.error(f"{flag} {path} {why}")
-  if args.export is not None:
+  if export is not None:
     export = Path(args.export).absolute()
     if args.out is not None and export == Path(args.out).absolute():
       parser.error("--export and --out must be different directories")
@@ -124,12 +128,13 @@ def preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argp
 
 
 @contextlib.contextmanager
-def errors(parser: argparse.ArgumentParser):
-  """Turns the project's known errors in the body into one line on stderr and exit status 2."""
+def errors(parser: argparse.ArgumentParser | None = None):
+  """Turns the project's known errors in the body into one line on stderr and exit status 2
+  (``parser`` names the command; by default the script's name, as argparse does)."""
   try:
     yield
   except Exception as err:
     known = tuple(getattr(sys.modules[m], name) for m, name in KNOWN_ERRORS if m in sys.modules)
     if not isinstance(err, known):
       raise
-    parser.error((str(err).strip().splitlines() or [type(err).__name__])[0])
+    (parser or Parser()).error((str(err).strip().splitlines() or [type(err).__name__])[0])

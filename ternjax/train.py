@@ -353,6 +353,24 @@ def _verifies(manager, step: int, template, config_sha: str) -> bool:
   return True
 
 
+def restore_model(workdir, model: nnx.Module) -> int:
+  """Loads the model part of ``workdir``'s latest checkpoint, verified, into ``model`` (which
+  must have the run's architecture); returns the checkpoint's epoch. For fine-tuning from a run."""
+  workdir = Path(workdir)
+  config_json = read_config(workdir)
+  saved = config_json["train"]
+  try:
+    config = TrainConfig(**{**saved, "milestones": tuple(saved.get("milestones", ()))})
+  except TypeError as err:  # an unknown or missing field
+    message = f"{workdir}/config.json: not a run configuration of this ternjax ({err})"
+    raise TrainError(message) from None
+  optimizer = nnx.Optimizer(model, make_optimizer(config, 1)[0], wrt=nnx.Param)
+  with ocp.CheckpointManager(workdir.absolute() / "checkpoints") as manager:
+    if manager.latest_step() is None:
+      raise TrainError(f"{workdir}/checkpoints holds no checkpoint")
+    return _resume(manager, model, optimizer, _config_sha(config_json), None)
+
+
 # --------------------------------------------------------------------------------------------
 # The run directory: strict JSON files, written atomically (a kill never leaves half a file)
 
@@ -382,6 +400,18 @@ def _read_json(path: Path, lines: bool = False):
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
     raise TrainError(f"{path}: unreadable ({type(err).__name__}: {err}); restore the file or "
                      "start the run again in another --out") from None
+
+
+def read_config(workdir) -> dict:
+  """The ``config.json`` of the run in ``workdir`` (a TrainError if it is not a run's)."""
+  config = _read_json(Path(workdir) / "config.json")
+  if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+    raise TrainError(f"{workdir}/config.json: not a ternjax run configuration")
+  return config
+
+
+def _config_sha(config_json: dict) -> str:
+  return hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
 
 
 def _same_config(saved: Path, config_json: dict) -> None:
@@ -477,7 +507,7 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
   workdir = Path(workdir)
   config_json = json.loads(_json({"train": dataclasses.asdict(config), "dataset": data.name,
                                   "train_examples": len(data.y_train), **(meta or {})}))
-  config_sha = hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
+  config_sha = _config_sha(config_json)
   steps_per_epoch = len(data.y_train) // config.batch_size
   if steps_per_epoch == 0:
     raise TrainError(f"batch size {config.batch_size} exceeds the {len(data.y_train)} "
