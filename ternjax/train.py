@@ -336,13 +336,18 @@ def _resume(manager, model, optimizer, config_sha: str, resume_from: int | None)
       (directory / str(s)).rename(aside / str(s))
     manager.reload()
     print(f"moved the later checkpoints (epochs {', '.join(map(str, later))}) to {aside}")
+  _put(restored, state, model, optimizer)
+  return step
+
+
+def _put(restored, state, model, optimizer) -> None:
+  """Puts a loaded checkpoint (``_to_saveable``'s form of ``state``) into the model."""
   pure = nnx.to_pure_dict(state)
   restored = jax.tree.map(
       lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
       if jnp.issubdtype(old.dtype, jax.dtypes.prng_key) else new, pure, restored)
   nnx.replace_by_pure_dict(state, restored)
   nnx.update((model, optimizer), state)
-  return step
 
 
 def _verifies(manager, step: int, template, config_sha: str) -> bool:
@@ -366,9 +371,13 @@ def restore_model(workdir, model: nnx.Module) -> int:
     raise TrainError(message) from None
   optimizer = nnx.Optimizer(model, make_optimizer(config, 1)[0], wrt=nnx.Param)
   with ocp.CheckpointManager(workdir.absolute() / "checkpoints") as manager:
-    if manager.latest_step() is None:
+    step = manager.latest_step()
+    if step is None:
       raise TrainError(f"{workdir}/checkpoints holds no checkpoint")
-    return _resume(manager, model, optimizer, _config_sha(config_json), None)
+    state = nnx.state((model, optimizer))
+    _put(_load(manager, step, _to_saveable(state), _config_sha(config_json)), state, model,
+         optimizer)
+  return step
 
 
 # --------------------------------------------------------------------------------------------

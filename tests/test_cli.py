@@ -1,10 +1,21 @@
 """ternjax.cli: the shared argument types, pre-flight checks and one-line error path."""
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 from ternjax import cli, data, runtime_numpy, train
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(f"{name}_cli", EXPERIMENTS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _parser():
@@ -55,3 +66,22 @@ def test_other_errors_are_not_hidden():
   """A bug is a traceback, not a one-line refusal."""
   with pytest.raises(KeyError), cli.errors(_parser()):
     raise KeyError("a bug")
+
+
+@pytest.mark.parametrize("script", ["mnist", "cifar10"])
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "inf"], "argument --lr: must be a finite positive number, got 'inf'"),
+    (["--data-dir", "/a/typo"], "argument --data-dir: /a/typo: no such directory"),
+    (["--out", "{tmp}/file"], "is a file, not a directory"),
+    (["--resume-from", "0"], "argument --resume-from: must be an integer of at least 1"),
+    (["--resume", "--overwrite"], "exclude each other"),
+])
+def test_every_training_script_on_the_shared_path(script, argv, words, tmp_path, capsys):
+  """The same flags get the same one-line refusal in each script, before anything is written."""
+  (tmp_path / "file").write_text("mine")
+  argv = [a.format(tmp=tmp_path) for a in argv]
+  with pytest.raises(SystemExit) as exit_:
+    _script(script).main(argv + ["--out", str(tmp_path / "run")] * ("--out" not in argv))
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1 and words in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -209,6 +209,29 @@ def test_failure_in_first_epoch_leaves_run_dir_as_found(small, tmp_path):
   assert sorted(tmp_path.iterdir()) == [run]  # the replaced run is gone, nothing left aside
 
 
+def test_interrupt_in_first_epoch_leaves_run_dir_as_found(small, tmp_path, monkeypatch):
+  """Ctrl-C (here at the first evaluation) before the first checkpoint: nothing left."""
+  def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train, "evaluate", interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(CONFIG, _mlp(), small, tmp_path / "run")
+  assert not any(tmp_path.iterdir())
+
+
+def test_restore_model_verifies(finished, tmp_path):
+  """Fine-tuning from a run (restore_model) refuses its bad checkpoint with one line."""
+  run = tmp_path / "run"
+  shutil.copytree(finished, run)
+  assert train.restore_model(run, _mlp()) == 2
+  _flip_byte(run / "checkpoints" / "2")
+  with pytest.raises(train.TrainError, match=r"checkpoints/2: corrupted checkpoint"):
+    train.restore_model(run, _mlp())
+  (run / "config.json").write_text("[]")
+  with pytest.raises(train.TrainError, match="not a ternjax run configuration"):
+    train.restore_model(run, _mlp())
+
+
 def test_non_finite_state_is_never_saved(small, tmp_path):
   """A state holding infinity (here a weight the loss does not use, so the loss stays finite)
   is refused at the epoch's end, and never saved."""
