@@ -243,7 +243,8 @@ def _to_saveable(state):
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:
-  """The arrays of ``tree`` on the host, by tree path (``['model']['layers'][0]...``)."""
+  """The arrays of ``tree`` on the host by tree path (``[0]['layers'][1]['kernel']``: ``[0]``
+  is the model, ``[1]`` the optimizer)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
@@ -291,13 +292,13 @@ def _load(manager, step: int, template, config_sha: str):
     raise TrainError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first})") from None
   manifest = restored.manifest
   if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
-    raise TrainError(f"{path}: corrupted checkpoint (its manifest is not one)")
+    raise TrainError(f"{path}: corrupted checkpoint (its manifest is not a ternjax one)")
   if manifest.get("config_sha256") != config_sha:
     raise TrainError(f"{path}: saved with another configuration than its run's config.json")
   recorded, found = manifest["arrays"], _manifest(_leaves(restored.state), config_sha)["arrays"]
   bad = sorted(k for k in recorded.keys() | found.keys() if recorded.get(k) != found.get(k))
   if bad:
-    more = f" ({len(bad) - 1} more arrays neither)" if len(bad) > 1 else ""
+    more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
     raise TrainError(f"{path}: corrupted checkpoint: {bad[0]} does not match its recorded shape, "
                      f"dtype or SHA-256{more}")
   return restored.state

@@ -77,7 +77,8 @@ def test_other_errors_are_not_hidden():
     (["--resume", "--overwrite"], "exclude each other"),
 ])
 def test_every_training_script_on_the_shared_path(script, argv, words, tmp_path, capsys):
-  """The same flags get the same one-line refusal in each script, before anything is written."""
+  """The same flags get the same one-line refusal in each script, before anything is written
+  (a wrong --data-dir is refused although $TERNJAX_DATA, set for the tests, holds the data)."""
   (tmp_path / "file").write_text("mine")
   argv = [a.format(tmp=tmp_path) for a in argv]
   with pytest.raises(SystemExit) as exit_:
