@@ -13,7 +13,6 @@ is not measured here: residual models cannot be exported yet (export issue).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import DTYPES, RECIPES  # noqa: E402
 
 import ternjax as tj  # noqa: E402
-from ternjax import train  # noqa: E402
+from ternjax import cli, train  # noqa: E402
 
 
 def bench(name: str, weights: str, activations: str, batch: int, dtype: str, steps: int,
@@ -64,20 +63,17 @@ def bench(name: str, weights: str, activations: str, batch: int, dtype: str, ste
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("--models", nargs="+", choices=tuple(RECIPES), default=list(RECIPES))
   p.add_argument("--weights", nargs="+", choices=tj.layers.WEIGHT_METHODS,
                  default=["fp", "twn", "ttq"])
   p.add_argument("--activations", choices=tj.layers.ACTIVATION_METHODS, default="none")
-  p.add_argument("--batch-size", type=int, help="default: the model's recipe")
+  p.add_argument("--batch-size", type=cli.positive_int, help="default: the model's recipe")
   p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
-  p.add_argument("--steps", type=int, default=50, help="scanned steps per call")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--steps", type=cli.positive_int, default=50, help="scanned steps per call")
+  p.add_argument("--repeats", type=cli.positive_int, default=3)
   p.add_argument("--out", default="bench_train.json")
   args = p.parse_args(argv)
-  if min(args.steps, args.repeats, args.batch_size or 1) < 1:
-    p.error("--steps, --repeats and --batch-size must be positive")
   rows = []
   print(f"{'model':9} {'weights':8} {'batch':>5} {'ms/step':>8} {'img/s':>9} {'x float':>7} "
         f"{'compile s':>9}")

@@ -16,7 +16,6 @@ tail), and the confusion and confidence PNGs of the best ternary ResNet-18.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -25,6 +24,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from ternjax import cli
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -187,16 +188,17 @@ def gather(args, results: list[dict]) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("plan", choices=tuple(plans()))
-  p.add_argument("--data-dir", required=True, help="folder holding the CIFAR-10 .bin files")
+  p.add_argument("--data-dir", required=True, type=cli.existing_dir,
+                 help="folder holding the CIFAR-10 .bin files")
   p.add_argument("--out", required=True, help="where the gathered results go ($OUT)")
   p.add_argument("--work", default="/tmp/cifar10_runs", help="run directories (checkpoints)")
   p.add_argument("--epochs", nargs="*", default=[], metavar="MODEL=N",
                  help="epochs per model (else the recipe's)")
-  p.add_argument("--limit-s", type=float, default=510, help="wall-clock limit per phase")
-  p.add_argument("--budget-s", type=float,
+  p.add_argument("--limit-s", type=cli.positive_float, default=510,
+                 help="wall-clock limit per phase")
+  p.add_argument("--budget-s", type=cli.positive_float,
                  help="fit the recipes' epochs to this many seconds of summed step time")
   args = p.parse_args(argv)
   try:

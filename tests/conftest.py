@@ -62,3 +62,18 @@ def no_local_data(tmp_path, monkeypatch):
   monkeypatch.delenv(data.ENV_VAR, raising=False)
   monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
   monkeypatch.setattr(data, "SHIPPED_DIR", tmp_path / "shipped")
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for a module's runs and subprocesses (test speed)."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = str(tmp_path_factory.mktemp("jax-cache"))
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  cc.reset_cache()
+  yield
+  del os.environ["JAX_COMPILATION_CACHE_DIR"]
+  jax.config.update("jax_compilation_cache_dir", old)
+  cc.reset_cache()
