@@ -40,9 +40,10 @@ from flax import nnx
 
 from ternjax import export, models, ops, packing
 from ternjax.layers import QuantConfig
+from ternjax.ops import arg_specs, conv, cpu, xla
 
-M_VALUES = (1, 8, 64, 256)
-KN_VALUES = ((784, 256), (4096, 4096))
+M_VALUES = arg_specs.CPU_BENCH_M
+KN_VALUES = arg_specs.CPU_BENCH_KN
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vpopcntdq", "avx512_vnni", "avx512_bf16")
 
 
@@ -144,22 +145,15 @@ def micro(reps: int, block: int, m_values, kn_values) -> list[dict]:
   return rows
 
 
-def sweep(reps: int, block: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
-  """Times each CPU formulation of :func:`ternjax.ops.xla_matmul` directly (the thresholds)."""
+def sweep(reps: int, block: int, m_values=arg_specs.CPU_SWEEP_M) -> list[dict]:
+  """Times each CPU formulation of :func:`ternjax.ops.xla_matmul` directly (the thresholds of
+  :class:`ternjax.ops.CpuTuning`)."""
   rng = np.random.default_rng(2)
-  popcount = {
-      "popcount loop": lambda xb, w: ops._popcount_tiled(*ops._planes(xb, w, False), False, 1,
-                                                         w.pos.shape[1]),
-      "popcount broadcast": lambda xb, w: ops._popcount_broadcast(*ops._planes(xb, w, False),
-                                                                  False),
-      "popcount tiled": lambda xb, w: ops._popcount_tiled(*ops._planes(xb, w, False), False,
-                                                          **ops.CPU_POPCOUNT_TILE),
-  }
-  dot = {
-      "dot select": lambda x, w: ops._dot_blocked(x, w, False, ops.CPU_SELECT_K_WORDS, True),
-      "dot plain": lambda x, w: ops._dot_plain(x, w, False),
-      "dot blocked": lambda x, w: ops._dot_blocked(x, w, False, ops.CPU_DOT_K_WORDS, False),
-  }
+  popcount = {f"popcount {name}": functools.partial(
+      lambda xb, w, fn: fn(xla.x_planes(xb), xla.w_planes(w, False), False, ops.CPU_TUNING),
+      fn=fn) for name, fn in cpu.POPCOUNT.items()}
+  dot = {f"dot {name}": functools.partial(
+      lambda x, w, fn: fn(x, w, False, ops.CPU_TUNING), fn=fn) for name, fn in cpu.DOT.items()}
   rows = []
   for k, n in KN_VALUES:
     w = packing.pack_bitplanes(jnp.asarray(rng.integers(-1, 2, (k, n)).astype(np.int8)), axis=0)
@@ -180,18 +174,18 @@ def sweep(reps: int, block: int, m_values=(1, 2, 4, 8, 16, 32, 64)) -> list[dict
 
 def conv_sweep(reps: int, block: int, batches=(1, 4, 16, 64)) -> list[dict]:
   """Times the convolutions of ternary activations for LeNet-5's second conv (the
-  ``CPU_CONV_*`` thresholds): channel-packed popcount, float32 conv, patches + popcount."""
+  ``conv_*`` thresholds of :class:`ternjax.ops.CpuTuning`): channel-packed popcount, float32
+  conv, patches + popcount."""
   rng = np.random.default_rng(3)
   geometry = dict(window=(5, 5), strides=(1, 1), padding="VALID", rhs_dilation=(1, 1))
   kernel = jnp.asarray(rng.integers(-1, 2, (5, 5, 32, 64)).astype(np.int8))
   w = packing.pack_bitplanes(ops.kernel_to_matrix(kernel), axis=0)
   fns = {
-      "conv channel-packed": lambda x, w: ops._conv_popcount(x, w, *geometry.values(),
+      "conv channel-packed": lambda x, w: conv.conv_popcount(x, w, *geometry.values(),
                                                              False)[0],
       "conv float32": lambda x, w: ops.xla_conv(x.astype(jnp.float32), w, **geometry),
-      "conv patches": lambda x, w: ops._patches_conv(
-          x, w, implementation="xla", x_ternary=True, x_scale=None, w_scale=None,
-          w_scale_neg=None, **geometry),
+      "conv patches": lambda x, w: conv.patches_conv(x, w, **geometry, x_ternary=True,
+                                                     matmul=ops.xla_matmul),
   }
   fns = {name: jax.jit(fn) for name, fn in fns.items()}
   rows = []
@@ -267,7 +261,7 @@ def main(argv=None):
   parser.add_argument("--sweep", action="store_true",
                       help="also time each formulation of the XLA implementation for small M, "
                            "and its convolutions of ternary activations (where the thresholds "
-                           "in ternjax/ops.py come from)")
+                           "of ternjax/ops/cpu.py come from)")
   parser.add_argument("--out", help="JSON output path")
   args = parser.parse_args(argv)
   if min(args.reps, args.block, *args.m) < 1:

@@ -24,16 +24,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ternjax import kernels, ops, packing
 from ternjax.kernels.common import BlockSizes, cdiv
+from ternjax.ops import arg_specs
 
-SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (4096, 4096, 4096),
-          (128, 784, 256)]
+SHAPES = arg_specs.GPU_BENCH
 # Awkward shapes for the exactness check: M = 1, K not a multiple of 32, N not one of a block.
-CHECK_SHAPES = [(1, 100, 33), (5, 70, 300), (17, 1000, 129), (300, 4000, 517)]
+CHECK_SHAPES = arg_specs.GPU_CHECK
 HBM_BYTES_PER_S = 3.35e12
 L2_ROTATION_BYTES = 200e6  # > 3x the 50 MB L2
 
@@ -108,9 +107,8 @@ def device_time(fn, args, ops_per_call: int, calls: int = 5):
 
 
 def _backends():
-  """``(name, module)`` of the kernel backends that imported (jax-triton may be missing)."""
-  modules = ((b, getattr(kernels, f"ternary_matmul_{b}")) for b in ("pallas", "triton"))
-  return [(b, module) for b, module in modules if module is not None]
+  """``(name, backend)`` of the kernel backends that imported (jax-triton may be missing)."""
+  return [(backend.name, backend) for backend in kernels.BACKENDS]
 
 
 def _variants(m, k, n):

@@ -19,7 +19,6 @@ with N > 1 the same global batch is split, so "x plain" below 1 is the speed-up.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import DTYPES, RECIPES  # noqa: E402
 
 import ternjax as tj  # noqa: E402
-from ternjax import distributed, train  # noqa: E402
+from ternjax import cli, distributed, train  # noqa: E402
 
 
 def bench(name: str, weights: str, activations: str, batch: int, dtype: str, steps: int,
@@ -79,25 +78,22 @@ def bench(name: str, weights: str, activations: str, batch: int, dtype: str, ste
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("--models", nargs="+", choices=tuple(RECIPES), default=list(RECIPES))
   p.add_argument("--weights", nargs="+", choices=tj.layers.WEIGHT_METHODS,
                  default=["fp", "twn", "ttq"])
   p.add_argument("--activations", choices=tj.layers.ACTIVATION_METHODS, default="none")
-  p.add_argument("--batch-size", type=int, help="default: the model's recipe")
+  p.add_argument("--batch-size", type=cli.positive_int, help="default: the model's recipe")
   p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
-  p.add_argument("--steps", type=int, default=50, help="scanned steps per call")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--devices", type=int,
+  p.add_argument("--steps", type=cli.positive_int, default=50, help="scanned steps per call")
+  p.add_argument("--repeats", type=cli.positive_int, default=3)
+  p.add_argument("--devices", type=cli.positive_int,
                  help="also time the data-parallel step on a mesh of this many devices")
   p.add_argument("--out", default="bench_train.json")
   args = p.parse_args(argv)
-  if min(args.steps, args.repeats, args.batch_size or 1, args.devices or 1) < 1:
-    p.error("--steps, --repeats, --batch-size and --devices must be positive")
   try:
     meshes = (None,) if args.devices is None else (None, distributed.make_mesh(args.devices))
-  except ValueError as err:
+  except distributed.DistributedError as err:
     p.error(str(err))
   rows = []
   ratio = lambda r: f"{r:.3f}" if r else "-"

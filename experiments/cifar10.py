@@ -12,7 +12,8 @@
 
 Each run writes config.json, metrics.jsonl, checkpoints/, summary.json and the accuracy report
 (report.json, confusion.png, confidence.png) into --out (default
-runs/cifar10-MODEL-WEIGHTS[-aACT]-sSEED); a non-empty --out needs --resume or --overwrite.
+runs/cifar10-MODEL-WEIGHTS[-aACT]-sSEED); a non-empty --out needs --resume (--resume-from EPOCH)
+or --overwrite; bad input is one line on stderr, exit status 2 (ternjax.cli).
 Augmentation (on the device): random crop of the 4-pixel zero-padded image, horizontal flip.
 
 Data: the copy in ../shared/data is exact for the train set and test records 0..999; test
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 import ternjax as tj
+from ternjax import cli
 from ternjax import data as tjdata
 from ternjax import distributed as tjdist
 from ternjax import report as tjreport
@@ -78,7 +79,7 @@ def build_model(args: argparse.Namespace) -> nnx.Module:
       q, fp_first=fp_first, fp_last=fp_last, dtype=DTYPES[dtype], rngs=_rngs(args.seed))
   if not args.init_from:
     return build(quant, args.fp_first, args.fp_last, args.dtype)
-  source = json.loads((Path(args.init_from) / "config.json").read_text())
+  source = tjtrain.read_config(args.init_from)
   if source.get("model") != args.model or source.get("weights") != "fp":
     args.error(f"--init-from {args.init_from}: needs a float (--weights fp) {args.model} run, "
                f"got {source.get('weights')} {source.get('model')}")
@@ -92,8 +93,7 @@ def build_model(args: argparse.Namespace) -> nnx.Module:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, exit 2
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("--model", choices=tuple(RECIPES), default="resnet20")
   p.add_argument("--weights", choices=WEIGHT_METHODS, default="twn")
   p.add_argument("--activations", choices=ACTIVATION_METHODS, default="none",
@@ -102,26 +102,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="keep the first conv's weights float (TTQ's setting; default)")
   p.add_argument("--fp-last", action=argparse.BooleanOptionalAction, default=False,
                  help="keep the classifier's weights float")
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--lr", type=float, help="peak learning rate")
+  cli.add_run_arguments(p, export=False)
   p.add_argument("--schedule", choices=SCHEDULES)
   p.add_argument("--label-smoothing", type=float)
   p.add_argument("--weight-decay", type=float)
   p.add_argument("--warmup-epochs", type=float)
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute dtype")
-  p.add_argument("--data-dir", help=f"data root (else ${tjdata.ENV_VAR}, else ~/.cache/ternjax)")
-  p.add_argument("--out", help="run directory (default runs/cifar10-MODEL-WEIGHTS-sSEED)")
-  p.add_argument("--resume", action="store_true", help="continue the run in --out")
-  p.add_argument("--overwrite", action="store_true", help="delete --out's contents first")
   p.add_argument("--init-from", metavar="RUN_DIR",
                  help="fine-tune the ternary twin of this float run's last checkpoint")
-  p.add_argument("--limit", type=int, help="use only the first N train and test examples")
   tjdist.add_arguments(p)
   args = p.parse_args(argv)
-  if args.limit is not None and args.limit < 1:
-    p.error(f"--limit must be positive, got {args.limit}")
   if args.init_from and not (Path(args.init_from) / "config.json").is_file():
     p.error(f"--init-from {args.init_from}: no config.json there (not a run directory)")
   acts = "" if args.activations == "none" else f"-a{args.activations}"
@@ -132,37 +122,32 @@ def parse_args(argv=None) -> argparse.Namespace:
   except ValueError as err:
     p.error(str(err))
   args.error = p.error
-  return args
+  return cli.preflight(p, args)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  try:
+  with cli.errors():
     mesh = tjdist.setup(args)
-    data = tjdata.load("cifar10", data_dir=args.data_dir)
-  except (ValueError, tjdist.DistributedError, tjdata.DataError) as err:
-    args.error(str(err))
-  if args.limit:
-    data = data.subset(args.limit)
-  n = len(data.y_test)
-  subsets = {"exact": np.arange(min(EXACT_TEST_RECORDS, n))}
-  if n > EXACT_TEST_RECORDS:
-    subsets["degraded"] = np.arange(EXACT_TEST_RECORDS, n)
-  model = build_model(args)
-  tjdist.log(str(tj.summary(model)))
-  meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
-          "fp_first": args.fp_first, "fp_last": args.fp_last, "dtype": args.dtype,
-          "init_from": args.init_from, "limit": args.limit}
-  try:
+    data = tjdata.load("cifar10", source=args.source, data_dir=args.data_dir)
+    if args.limit:
+      data = data.subset(args.limit)
+    n = len(data.y_test)
+    subsets = {"exact": np.arange(min(EXACT_TEST_RECORDS, n))}
+    if n > EXACT_TEST_RECORDS:
+      subsets["degraded"] = np.arange(EXACT_TEST_RECORDS, n)
+    model = build_model(args)
+    tjdist.log(str(tj.summary(model)))
+    meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
+            "fp_first": args.fp_first, "fp_last": args.fp_last, "dtype": args.dtype,
+            "init_from": args.init_from, "limit": args.limit}
     result = tjtrain.train_and_evaluate(args.config, model, data, args.out, resume=args.resume,
-                                        overwrite=args.overwrite, meta=meta,
-                                        test_subsets=subsets, mesh=mesh)
-  except (FileExistsError, ValueError) as err:
-    args.error(str(err))
-  if tjdist.is_main():  # the model holds this process's own arrays again: no peers needed
-    logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
-    tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
-                   title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
+                                        resume_from=args.resume_from, overwrite=args.overwrite,
+                                        meta=meta, test_subsets=subsets, mesh=mesh)
+    if tjdist.is_main():  # the model holds this process's own arrays again: no peers needed
+      logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
+      tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
+                     title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
   tjdist.log(f"final test accuracy: {result['test_accuracy']:.4f} (exact records "
              f"{result['test_accuracy_exact']:.4f}; {args.model}, {args.weights}; "
              f"{result['train_time_s']:.1f} s training, {result['train_images_per_s']:,.0f} "

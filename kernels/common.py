@@ -14,12 +14,15 @@ dot           weight planes unpacked to int8 (or to x's float  larger M (tensor 
 Both accumulate in int32 (float32 for float activations) and leave the scales to
 :func:`ternjax.ops.epilogue`. ``split_k > 1`` splits K over programs that add their partial sums
 with integer atomics (exact in any order), which gives small-M shapes enough programs to keep
-the memory busy.
+the memory busy. A :class:`Backend` holds one backend's two kernel launches and gives them the
+checks and the wrapper they share; :class:`GpuTuning` is the one table of measured GPU choices
+(which implementation, which tiles).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -69,27 +72,65 @@ class BlockSizes:
   @classmethod
   def get_default(cls, m: int, n: int, k: int, *, x_ternary: bool,
                   integer: bool = True) -> BlockSizes:
-    """The fastest measured configuration for the shape (experiments/results/bench_kernels.md).
+    """The configuration :data:`GPU_TUNING` gives the shape (:meth:`GpuTuning.block_sizes`)."""
+    return GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer)
 
-    ``integer=False`` (float activations) keeps ``split_k = 1``.
-    """
-    # Measured on an H100 (bench_kernels.md): popcount wins for ternary M <= 16; above, the
-    # tensor-core dot, with wider tiles at large M.
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GpuTuning:
+  """The GPU choices, measured on an H100 (experiments/results/bench_kernels.md).
+
+  Implementation (the ``'gpu'`` policy, :meth:`choose`): ternary ``x`` up to
+  ``xla_popcount_max_mkn = M·K·N`` runs XLA's fused popcount (the kernels' split-K reduction
+  and launch cost more than the work); from ``kernels_max_m`` rows XLA's unpack + cuBLAS int8
+  dot; the Pallas kernels in between. Tiles (:meth:`block_sizes`): the popcount kernel for
+  ternary ``x`` up to ``popcount_max_m`` rows, else the tensor-core dot, ``block_m = 16`` up to
+  ``dot_small_m`` rows and wider tiles above ``dot_wide_m``; K is split while there are fewer
+  than ``split_k_programs`` programs (about two per SM) and each split keeps
+  ``split_k_min_steps`` loop steps.
+  """
+
+  xla_popcount_max_mkn: int = 2 ** 26
+  kernels_max_m: int = 512
+  popcount_max_m: int = 16
+  dot_small_m: int = 16
+  dot_wide_m: int = 256
+  split_k_programs: int = 256
+  split_k_min_steps: int = 4
+
+  def block_sizes(self, m: int, n: int, k: int, *, x_ternary: bool,
+                  integer: bool = True) -> BlockSizes:
+    """The fastest measured configuration for the shape; ``integer=False`` (float
+    activations) keeps ``split_k = 1``."""
     kw = cdiv(k, WORD)
-    if x_ternary and m <= 16:
+    if x_ternary and m <= self.popcount_max_m:
       kernel, block_m, block_n, block_k = "popcount", next_pow2(m), 128, 4
       num_warps = 8 if block_m >= 16 else 4
-    elif m <= 256:
-      kernel, block_m, block_n, block_k, num_warps = "dot", 16 if m <= 16 else 64, 128, 2, 4
+    elif m <= self.dot_wide_m:
+      block_m = 16 if m <= self.dot_small_m else 64
+      kernel, block_n, block_k, num_warps = "dot", 128, 2, 4
     else:
       kernel, block_m, block_n, block_k, num_warps = "dot", 128, 256, 2, 8
-    # About two programs per SM (132): split K while each split keeps ≥ 4 loop steps.
     programs = cdiv(m, block_m) * cdiv(n, block_n)
     split_k = 1
-    while integer and programs * split_k < 256 and kw // (2 * split_k) >= 4 * block_k:
+    while (integer and programs * split_k < self.split_k_programs
+           and kw // (2 * split_k) >= self.split_k_min_steps * block_k):
       split_k *= 2
-    return cls(kernel=kernel, block_m=block_m, block_n=block_n, block_k=block_k,
-               split_k=split_k, num_warps=num_warps)
+    return BlockSizes(kernel=kernel, block_m=block_m, block_n=block_n, block_k=block_k,
+                      split_k=split_k, num_warps=num_warps)
+
+  def choose(self, x: jax.Array, w: packing.Bitplanes, *, x_ternary: bool):
+    """``(implementation, x, x_ternary)`` for the shape: ternary codes go to XLA's int8 dot
+    as int8 codes."""
+    m, k = x.shape
+    if x_ternary and m * k * w.pos.shape[1] <= self.xla_popcount_max_mkn:
+      return "xla", x, True
+    if m >= self.kernels_max_m or "pallas" not in ops.IMPLEMENTATIONS:
+      return "xla", x.astype(jnp.int8) if x_ternary else x, False
+    return "pallas", x, x_ternary
+
+
+GPU_TUNING = GpuTuning()
 
 
 def as_int32(words: jax.Array) -> jax.Array:
@@ -97,18 +138,63 @@ def as_int32(words: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(words, jnp.int32)
 
 
-def ternary_matmul(popcount_matmul: Callable, dot_matmul: Callable, x: jax.Array,
-                   w: packing.Bitplanes, *, x_ternary: bool = False, x_scale=None, w_scale=None,
-                   w_scale_neg=None, block_sizes: BlockSizes | None = None,
-                   interpret: bool = False) -> jax.Array:
-  """:func:`ternjax.ops.ternary_matmul` through one backend's two kernels.
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One kernel backend: its two launches and what they share (checks, operands, epilogue).
 
-  ``popcount_matmul(xp, xn, wp, wn)`` and ``dot_matmul(x, wp, wn)`` (int32 planes; keywords
-  ``two_sums``, ``block_sizes``, ``interpret``) return a tuple of accumulators for
-  :func:`ternjax.ops.epilogue`. Raises ``NotImplementedError`` for activations they do not
-  take (integers other than int8 codes, float types other than f32/bf16/f16).
+  ``popcount(xp, xn, wp, wn, *, two_sums, block_sizes, interpret)`` and ``dot(x, wp, wn, ...)``
+  take int32 planes whose shapes agree and return a tuple of accumulators for
+  :func:`ternjax.ops.epilogue`. ``interpret``: whether they run off a GPU with
+  ``interpret=True``.
   """
-  ops.check_operands(x, w)
+
+  name: str
+  popcount: Callable[..., tuple[jax.Array, ...]]
+  dot: Callable[..., tuple[jax.Array, ...]]
+  interpret: bool
+
+  def check_interpret(self, interpret: bool) -> None:
+    if interpret and not self.interpret:
+      raise NotImplementedError(f"{self.name} kernels have no interpret mode (use the Pallas "
+                                "ones)")
+
+  def popcount_matmul(self, xp, xn, wp, wn, *, two_sums=False, block_sizes: BlockSizes,
+                      interpret=False):
+    """Bitplane GEMM: int32 planes ``xp, xn: (M, Kw)`` and ``wp, wn: (Kw, N)`` -> int32 sums."""
+    self.check_interpret(interpret)
+    if xp.shape[1] != wp.shape[0]:
+      raise ValueError(f"x and w planes disagree on K words: {xp.shape=} {wp.shape=}")
+    return self.popcount(xp, xn, wp, wn, two_sums=two_sums, block_sizes=block_sizes,
+                         interpret=interpret)
+
+  def dot_matmul(self, x, wp, wn, *, two_sums=False, block_sizes: BlockSizes, interpret=False):
+    """``x: (M, K)`` (int8 or float) times the int32 planes ``wp, wn: (⌈K/32⌉, N)``."""
+    self.check_interpret(interpret)
+    if cdiv(x.shape[1], WORD) != wp.shape[0]:
+      raise ValueError(f"x and w planes disagree on K: {x.shape=} {wp.shape=}")
+    return self.dot(x, wp, wn, two_sums=two_sums, block_sizes=block_sizes, interpret=interpret)
+
+  def ternary_matmul(self, x: jax.Array, w: packing.Bitplanes, *, x_ternary: bool = False,
+                     x_scale=None, w_scale=None, w_scale_neg=None,
+                     block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """:func:`ternjax.ops.ternary_matmul` with this backend's kernels (operands checked)."""
+    ops.check_operands(x, w)
+    return self.matmul(x, w, x_ternary=x_ternary, x_scale=x_scale, w_scale=w_scale,
+                       w_scale_neg=w_scale_neg, block_sizes=block_sizes, interpret=interpret)
+
+  def matmul(self, x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg=None,
+             block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """:meth:`ternary_matmul` on checked operands (what the dispatch calls), jitted: eager
+    calls compile once per shape. Raises ``NotImplementedError`` for activations the kernels
+    do not take (integers other than int8 codes, float types other than f32/bf16/f16)."""
+    return _matmul(self, x, w, x_ternary=x_ternary, x_scale=x_scale, w_scale=w_scale,
+                   w_scale_neg=w_scale_neg, block_sizes=block_sizes, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "x_ternary", "block_sizes", "interpret"))
+def _matmul(backend: Backend, x, w, *, x_ternary, x_scale, w_scale, w_scale_neg, block_sizes,
+            interpret):
+  backend.check_interpret(interpret)
   m, k = x.shape
   n = w.pos.shape[1]
   integer = jnp.issubdtype(x.dtype, jnp.integer)
@@ -116,7 +202,7 @@ def ternary_matmul(popcount_matmul: Callable, dot_matmul: Callable, x: jax.Array
     raise NotImplementedError(f"integer activations must be int8 codes, got {x.dtype=}")
   if not integer and x.dtype not in FLOAT_DTYPES:
     raise NotImplementedError(f"float activations must be f32, bf16 or f16, got {x.dtype=}")
-  bs = block_sizes or BlockSizes.get_default(m, n, k, x_ternary=x_ternary, integer=integer)
+  bs = block_sizes or GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer)
   if bs.kernel == "popcount" and not x_ternary:
     raise ValueError(f"the popcount kernel needs ternary activations (x_ternary=True), {bs=}")
   if bs.split_k > 1 and not integer:
@@ -125,7 +211,7 @@ def ternary_matmul(popcount_matmul: Callable, dot_matmul: Callable, x: jax.Array
   kwargs = dict(two_sums=w_scale_neg is not None, block_sizes=bs, interpret=interpret)
   if bs.kernel == "popcount":
     xb = packing.pack_bitplanes(x, axis=1)
-    accs = popcount_matmul(as_int32(xb.pos), as_int32(xb.neg), wp, wn, **kwargs)
+    accs = backend.popcount(as_int32(xb.pos), as_int32(xb.neg), wp, wn, **kwargs)
   else:
-    accs = dot_matmul(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
+    accs = backend.dot(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
   return ops.epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)

@@ -21,12 +21,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ternjax.kernels import common
 from ternjax.kernels.common import WORD, BlockSizes
-
-
-def _pad_to(a: jax.Array, shape) -> jax.Array:
-  if tuple(shape) == a.shape:
-    return a
-  return jnp.pad(a, [(0, s - d) for s, d in zip(shape, a.shape)])
+from ternjax.ops.xla import pad_to
 
 
 def _popcount_kernel(xp_ref, xn_ref, wp_ref, wn_ref, *out_refs, two_sums, block_k):
@@ -77,8 +72,8 @@ def _call(kernel, name, x_ops, w_ops, *, m, n, x_block_k, acc_dtype, two_sums, b
   kw = w_ops[0].shape[0]
   kw_pad = common.cdiv(kw, bs.split_k * bs.block_k) * bs.split_k * bs.block_k
   mp, np_ = common.cdiv(m, bs.block_m) * bs.block_m, common.cdiv(n, bs.block_n) * bs.block_n
-  x_ops = [_pad_to(a, (mp, kw_pad * x_block_k)) for a in x_ops]
-  w_ops = [_pad_to(a, (kw_pad, np_)) for a in w_ops]
+  x_ops = [pad_to(a, (mp, kw_pad * x_block_k)) for a in x_ops]
+  w_ops = [pad_to(a, (kw_pad, np_)) for a in w_ops]
   kws = kw_pad // bs.split_k
   n_out = 2 if two_sums else 1
   in_specs = ([pl.BlockSpec((bs.block_m, kws * x_block_k), lambda i, j, s: (i, s))] * len(x_ops)
@@ -93,20 +88,13 @@ def _call(kernel, name, x_ops, w_ops, *, m, n, x_block_k, acc_dtype, two_sums, b
   return tuple(jnp.sum(o, axis=0)[:m, :n] for o in outs)
 
 
-def popcount_matmul(xp, xn, wp, wn, *, two_sums=False, block_sizes: BlockSizes,
-                    interpret=False):
-  """Bitplane GEMM: int32 planes ``xp, xn: (M, Kw)`` and ``wp, wn: (Kw, N)`` -> int32 sums."""
-  if xp.shape[1] != wp.shape[0]:
-    raise ValueError(f"x and w planes disagree on K words: {xp.shape=} {wp.shape=}")
+def _popcount(xp, xn, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   return _call(_popcount_kernel, "ternary_popcount", [xp, xn], [wp, wn], m=xp.shape[0],
                n=wp.shape[1], x_block_k=1, acc_dtype=jnp.int32, two_sums=two_sums,
                bs=block_sizes, interpret=interpret)
 
 
-def dot_matmul(x, wp, wn, *, two_sums=False, block_sizes: BlockSizes, interpret=False):
-  """``x: (M, K)`` (int8 or float) times the int32 planes ``wp, wn: (⌈K/32⌉, N)``."""
-  if common.cdiv(x.shape[1], WORD) != wp.shape[0]:
-    raise ValueError(f"x and w planes disagree on K: {x.shape=} {wp.shape=}")
+def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   kernel = functools.partial(
       _dot_kernel, acc_dtype=jnp.int32 if integer else jnp.float32,
@@ -116,9 +104,7 @@ def dot_matmul(x, wp, wn, *, two_sums=False, block_sizes: BlockSizes, interpret=
                two_sums=two_sums, bs=block_sizes, interpret=interpret)
 
 
-def ternary_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg=None,
-                   block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """:func:`ternjax.ops.ternary_matmul` with the Pallas kernels (``interpret`` runs on CPU)."""
-  return common.ternary_matmul(popcount_matmul, dot_matmul, x, w, x_ternary=x_ternary,
-                               x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg,
-                               block_sizes=block_sizes, interpret=interpret)
+BACKEND = common.Backend("pallas", _popcount, _dot, interpret=True)
+popcount_matmul = BACKEND.popcount_matmul
+dot_matmul = BACKEND.dot_matmul
+ternary_matmul = BACKEND.ternary_matmul

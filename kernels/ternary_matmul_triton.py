@@ -110,34 +110,23 @@ def _launch(kernel, args, *, m, n, kw, acc_dtype, two_sums, bs: BlockSizes, **me
   return tuple(out)
 
 
-def popcount_matmul(xp, xn, wp, wn, *, two_sums=False, block_sizes: BlockSizes,
-                    interpret=False):
-  """Bitplane GEMM: int32 planes ``xp, xn: (M, Kw)`` and ``wp, wn: (Kw, N)`` -> int32 sums."""
-  if interpret:
-    raise NotImplementedError("jax-triton kernels have no interpret mode (use the Pallas ones)")
-  if xp.shape[1] != wp.shape[0]:
-    raise ValueError(f"x and w planes disagree on K words: {xp.shape=} {wp.shape=}")
+def _popcount(xp, xn, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
+  del interpret  # Backend refuses it
   (m, kw), n = xp.shape, wp.shape[1]
   return _launch(_popcount_kernel, (xp, xn, wp, wn, m, n, kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32, two_sums=two_sums, bs=block_sizes)
 
 
-def dot_matmul(x, wp, wn, *, two_sums=False, block_sizes: BlockSizes, interpret=False):
-  """``x: (M, K)`` (int8 or float) times the int32 planes ``wp, wn: (⌈K/32⌉, N)``."""
-  if interpret:
-    raise NotImplementedError("jax-triton kernels have no interpret mode (use the Pallas ones)")
+def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
+  del interpret  # Backend refuses it
   (m, k), (kw, n) = x.shape, wp.shape
-  if common.cdiv(k, WORD) != kw:
-    raise ValueError(f"x and w planes disagree on K: {x.shape=} {wp.shape=}")
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   return _launch(_dot_kernel, (x, wp, wn, m, n, k, kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
                  bs=block_sizes, PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 
-def ternary_matmul(x, w, *, x_ternary=False, x_scale=None, w_scale=None, w_scale_neg=None,
-                   block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """:func:`ternjax.ops.ternary_matmul` with the jax-triton kernels (GPU only)."""
-  return common.ternary_matmul(popcount_matmul, dot_matmul, x, w, x_ternary=x_ternary,
-                               x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg,
-                               block_sizes=block_sizes, interpret=interpret)
+BACKEND = common.Backend("triton", _popcount, _dot, interpret=False)
+popcount_matmul = BACKEND.popcount_matmul
+dot_matmul = BACKEND.dot_matmul
+ternary_matmul = BACKEND.ternary_matmul

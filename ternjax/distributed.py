@@ -30,63 +30,61 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from ternjax import cli
+
 DATA = "data"  # the mesh axis the batch is sharded along
 
 
-class DistributedError(RuntimeError):
-  """The process group could not be formed or lost a member (one line for the user)."""
+class DistributedError(ValueError):
+  """Flags that cannot work, or a process group that cannot form (one line for the user)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """``--devices`` and the multi-process flags (``jax.distributed.initialize``'s arguments)."""
   g = parser.add_argument_group("devices and processes")
-  g.add_argument("--devices", type=int,
+  g.add_argument("--devices", type=cli.positive_int,
                  help="devices to train on, over all processes (default: all; the batch "
                       "size is global and must be a multiple)")
   g.add_argument("--coordinator", metavar="HOST:PORT",
                  help="process 0's address; start one process per machine (or per GPU) with "
                       "the same --coordinator and --num-processes and --process-id 0..N-1")
-  g.add_argument("--num-processes", type=int)
-  g.add_argument("--process-id", type=int)
+  g.add_argument("--num-processes", type=cli.positive_int)
+  g.add_argument("--process-id", type=cli.non_negative_int)
   g.add_argument("--local-device-ids", metavar="I,J",
                  help="the GPUs of this machine that this process uses (default: all; e.g. one "
                       "process per GPU: --local-device-ids 0, 1, ...)")
   g.add_argument("--cluster", action="store_true",
                  help="take what is not given from the cluster launcher's environment "
                       "(SLURM, Open MPI, mpi4py, Kubernetes: JAX's auto-detection)")
-  g.add_argument("--init-timeout", type=int, default=300,
+  g.add_argument("--init-timeout", type=cli.positive_int, default=300,
                  help="seconds to wait for every process to join (default 300)")
-  g.add_argument("--heartbeat-timeout", type=int, default=100,
+  g.add_argument("--heartbeat-timeout", type=cli.positive_int, default=100,
                  help="seconds without a heartbeat after which a process counts as dead and "
                       "the others stop (default 100)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-  """Raises ``ValueError`` (one line) for flags that cannot work; touches no device."""
+  """Raises :class:`DistributedError` for flags that cannot work together; touches no device."""
   given = [args.coordinator, args.num_processes, args.process_id]
   if not args.cluster and any(v is not None for v in given) and None in given:
-    raise ValueError("--coordinator, --num-processes and --process-id go together (or add "
-                     "--cluster to read the missing ones from the cluster launcher)")
+    raise DistributedError("--coordinator, --num-processes and --process-id go together (or "
+                           "add --cluster to read the missing ones from the cluster launcher)")
   if args.coordinator is not None:
     _host_port(args.coordinator)
   if args.local_device_ids is not None:
     _ids(args.local_device_ids)
     if not (args.cluster or args.coordinator):
-      raise ValueError("--local-device-ids goes with --coordinator (or --cluster)")
-  if args.num_processes is not None and args.num_processes < 1:
-    raise ValueError(f"--num-processes must be at least 1, got {args.num_processes}")
-  if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
-    raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-  for name in ("devices", "init_timeout", "heartbeat_timeout"):
-    if getattr(args, name) is not None and getattr(args, name) < 1:
-      raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+      raise DistributedError("--local-device-ids goes with --coordinator (or --cluster)")
+  if None not in (args.process_id, args.num_processes) and args.process_id >= args.num_processes:
+    raise DistributedError(f"--process-id must be in [0, {args.num_processes}), got "
+                           f"{args.process_id}")
 
 
 def setup(args: argparse.Namespace) -> Mesh:
   """Joins the process group when asked (call before anything touches a device); the mesh.
 
-  Raises ``ValueError`` for impossible flags and :class:`DistributedError` when the
-  coordinator cannot be reached in ``--init-timeout`` seconds.
+  Raises :class:`DistributedError` for flags that cannot work and when the coordinator
+  cannot be reached in ``--init-timeout`` seconds.
   """
   check_arguments(args)
   if args.cluster or args.coordinator is not None:
@@ -98,11 +96,14 @@ def setup(args: argparse.Namespace) -> Mesh:
     host = args.coordinator and _host_port(args.coordinator)[0]
     local = host in ("localhost", "127.0.0.1", "::1")
     ids = args.local_device_ids and _ids(args.local_device_ids)
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               local_device_ids=ids,
-                               initialization_timeout=args.init_timeout,
-                               heartbeat_timeout_seconds=args.heartbeat_timeout,
-                               coordinator_bind_address=args.coordinator if local else None)
+    try:
+      jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                 local_device_ids=ids,
+                                 initialization_timeout=args.init_timeout,
+                                 heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                 coordinator_bind_address=args.coordinator if local else None)
+    except (ValueError, RuntimeError) as err:  # --cluster without a launcher, a busy port...
+      raise DistributedError(f"jax.distributed.initialize: {str(err).strip()[:300]}") from None
   return make_mesh(args.devices)
 
 
@@ -112,7 +113,7 @@ def make_mesh(devices: int | None = None) -> Mesh:
   total, processes = jax.device_count(), jax.process_count()
   n = devices or total
   if n > total or n % processes:
-    raise ValueError(f"--devices {n}: this run has {total} device(s) in {processes} "
+    raise DistributedError(f"--devices {n}: this run has {total} device(s) in {processes} "
                      "process(es), and each process must hold the same number")
   by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(processes)]
   chosen = [d for local in by_process for d in local[:n // processes]]
@@ -153,21 +154,25 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def on_main(fn, *args) -> None:
-  """Runs ``fn(*args)`` on process 0 only; if it raises, every process raises (the others a
-  ``ValueError`` pointing to process 0's message), so that none waits for the rest."""
-  error = None
-  if is_main():
-    try:
-      fn(*args)
-    except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
-      error = err
-  if jax.process_count() > 1:
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if failed and error is None:
-      raise ValueError(f"process 0 stopped ({getattr(fn, '__name__', fn)}): see its message")
-  if error is not None:
-    raise error
+@contextlib.contextmanager
+def main_only(context, otherwise=None):
+  """Enters ``context`` on process 0 only (the others get ``otherwise``). If entering raises
+  there, every process raises (the others a :class:`DistributedError` pointing to process 0's
+  message), so that none waits for the rest."""
+  with contextlib.ExitStack() as stack:
+    error, value = None, otherwise
+    if is_main():
+      try:
+        value = stack.enter_context(context)
+      except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
+        error = err
+    if jax.process_count() > 1:
+      failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+      if failed and error is None:
+        raise DistributedError("process 0 stopped before training: see its message")
+    if error is not None:
+      raise error
+    yield value
 
 
 @contextlib.contextmanager
@@ -177,7 +182,7 @@ def stop_on_failure():
   dead peer and then abort with a C++ stack trace."""
   try:
     yield
-  except (jax.errors.JaxRuntimeError, DistributedError, ValueError) as err:
+  except (jax.errors.JaxRuntimeError, ValueError) as err:
     if jax.process_count() == 1 or not _is_runtime_failure(err):
       raise
     first = str(err).strip().splitlines()[0][:300]
@@ -191,21 +196,21 @@ def stop_on_failure():
 def _is_runtime_failure(err: Exception) -> bool:
   # XLA reports a failed collective as a status string ("UNKNOWN: Gloo all-reduce failed ...");
   # on some paths it arrives as a ValueError.
-  return isinstance(err, (jax.errors.JaxRuntimeError, DistributedError)) or str(err).startswith(
+  return isinstance(err, jax.errors.JaxRuntimeError) or str(err).startswith(
       ("UNKNOWN:", "INTERNAL:", "UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:"))
 
 
 def _host_port(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ValueError(f"--coordinator must be HOST:PORT, got {address!r}")
+    raise DistributedError(f"--coordinator must be HOST:PORT, got {address!r}")
   return host.strip("[]"), int(port)
 
 
 def _ids(text: str) -> list[int]:
   ids = text.split(",")
   if not all(i.strip().isdigit() for i in ids):
-    raise ValueError(f"--local-device-ids must be device numbers like 0,1, got {text!r}")
+    raise DistributedError(f"--local-device-ids must be device numbers like 0,1, got {text!r}")
   return [int(i) for i in ids]
 
 

@@ -2,7 +2,8 @@
 
 The layers are the Flax layers themselves; only the contraction is replaced (AQT style): the
 ``dot_general`` / ``conv_general_dilated`` they call is a :class:`TernaryOperands` module that
-quantizes the kernel and the inputs before contracting. The float kernel stays the
+quantizes the kernel and the inputs before contracting, with the quantizer objects that
+:class:`QuantConfig` names (:mod:`ternjax.quantizers`). The float kernel stays the
 ``nnx.Param`` (the shadow weights) and learned scales are ``nnx.Param`` too, so a plain
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains a model mixing these with ordinary layers.
 ``QuantConfig(weights='fp')`` gives the float layer, so baseline and ternary model are one class.
@@ -22,126 +23,114 @@ from jax import lax
 from ternjax import ops, packing
 from ternjax import quantizers as q
 
-WEIGHT_METHODS = ("fp", "twn", "ttq", "stochastic")
-ACTIVATION_METHODS = ("none", "ternary", "int8")
+
+def __getattr__(name: str):
+  """``WEIGHT_METHODS`` / ``ACTIVATION_METHODS``: the registered quantizer names, now."""
+  if name == "WEIGHT_METHODS":
+    return tuple(q.WEIGHT_QUANTIZERS)
+  if name == "ACTIVATION_METHODS":
+    return tuple(q.ACTIVATION_QUANTIZERS)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _names(table, flag: str) -> str:
+  return " or ".join(repr(n) for n, cls in table.items() if getattr(cls, flag))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
   """How a layer quantizes its kernel and its inputs."""
 
-  weights: str = "twn"           # 'fp' | 'twn' | 'ttq' | 'stochastic'
+  weights: str = "twn"           # a WEIGHT_QUANTIZERS name: 'fp' | 'twn' | 'ttq' | 'stochastic'
   per_channel: bool = True       # one scale (and threshold) per output channel
   delta: float = 0.7             # TWN threshold factor: Δ = delta·mean|w|
   ttq_threshold: float = 0.05    # TTQ threshold factor: Δ = ttq_threshold·max|w|
   ste: str = "identity"          # weight STE: 'identity' | 'clipped' (|w| ≤ 1)
-  activations: str = "none"      # input quantization: 'none' | 'ternary' | 'int8'
+  activations: str = "none"      # an ACTIVATION_QUANTIZERS name: 'none' | 'ternary' | 'int8'
   act_threshold: float = 0.5     # ternary activation: t = sign(x)·[|x| > act_threshold·s]
   act_scale_init: float = 1.0    # initial learned activation scale s
   kernel_forward: bool = False   # twn/ttq weights + ternary inputs only: forward through
                                  # ops.ternary_matmul / ternary_conv on codes, STE backward
+  implementation: str | None = None  # kernel_forward: the ops implementation(s), e.g.
+                                     # 'pallas,xla' (None: the dispatch's default)
 
   def __post_init__(self):
-    if self.weights not in WEIGHT_METHODS:
-      raise ValueError(f"weights must be one of {WEIGHT_METHODS}, got {self.weights!r}")
-    if self.activations not in ACTIVATION_METHODS:
-      raise ValueError(
-          f"activations must be one of {ACTIVATION_METHODS}, got {self.activations!r}")
+    weights, activations = tuple(q.WEIGHT_QUANTIZERS), tuple(q.ACTIVATION_QUANTIZERS)
+    if self.weights not in weights:
+      raise ValueError(f"weights must be one of {weights}, got {self.weights!r}")
+    if self.activations not in activations:
+      raise ValueError(f"activations must be one of {activations}, got {self.activations!r}")
     if self.ste not in q.STE_MODES:
       raise ValueError(f"ste must be one of {q.STE_MODES}, got {self.ste!r}")
-    if self.kernel_forward and (self.weights not in ("twn", "ttq")
-                                or self.activations != "ternary"):
-      raise ValueError("kernel_forward needs weights 'twn' or 'ttq' and activations 'ternary', "
-                       f"got {self.weights=} {self.activations=}")
+    if self.kernel_forward and not (q.WEIGHT_QUANTIZERS[self.weights].kernel_forward
+                                    and q.ACTIVATION_QUANTIZERS[self.activations].kernel_forward):
+      raise ValueError(
+          f"kernel_forward needs weights {_names(q.WEIGHT_QUANTIZERS, 'kernel_forward')} and "
+          f"activations {_names(q.ACTIVATION_QUANTIZERS, 'kernel_forward')}, "
+          f"got {self.weights=} {self.activations=}")
+    if self.implementation is not None:
+      if not self.kernel_forward:
+        raise ValueError("implementation selects the op of kernel_forward layers; "
+                         "set kernel_forward=True")
+      ops.candidates(self.implementation)  # unknown names: ValueError
     for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
   @property
   def ternary_weights(self) -> bool:
-    return self.weights != "fp"
+    return q.WEIGHT_QUANTIZERS[self.weights].ternary
 
 
 class TernaryOperands(nnx.Module):
-  """Quantizes a layer's kernel and inputs as its :class:`QuantConfig` says.
+  """Quantizes a layer's kernel and inputs with the quantizers its :class:`QuantConfig` names.
 
-  Holds the learned quantization state: TTQ's ``alpha_pos``/``alpha_neg`` and the ternary
-  activation ``act_scale`` (``nnx.Param``), and an RNG stream for stochastic weights. In eval
-  mode (``deterministic=True``) stochastic weights use the deterministic rounding.
+  ``weight_quantizer`` and ``input_quantizer`` hold the quantization state (e.g. TTQ's
+  ``alpha_pos``/``alpha_neg``, the ternary activation ``act_scale``, an RNG stream for
+  stochastic weights), reachable from here by name too (``quant.act_scale``). In eval mode
+  (``deterministic=True``) stochastic weights use the deterministic rounding.
   """
 
   def __init__(self, config: QuantConfig, kernel: jax.Array, *, rngs: nnx.Rngs):
     self.config = config
     self.deterministic = False
-    if config.weights == "ttq":
-      t = q.ttq_codes(kernel, config.ttq_threshold, config.per_channel)
-      axes = q._reduce_axes(kernel, config.per_channel)
-      shape = kernel.shape[-1:] if config.per_channel else ()
+    self.weight_quantizer = q.WEIGHT_QUANTIZERS[config.weights](config, kernel, rngs=rngs)
+    self.input_quantizer = q.ACTIVATION_QUANTIZERS[config.activations](config, rngs=rngs)
 
-      def mean_abs(mask):
-        total = jnp.sum(jnp.abs(kernel) * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axes), 1)
-        return jnp.maximum(total, 1e-3).reshape(shape)
-
-      self.alpha_pos = nnx.Param(mean_abs(t > 0))
-      self.alpha_neg = nnx.Param(mean_abs(t < 0))
-    if config.activations == "ternary":
-      self.act_scale = nnx.Param(jnp.asarray(config.act_scale_init, jnp.float32))
-    self.rngs = rngs["quant"].fork() if config.weights == "stochastic" else nnx.data(None)
-
-  def _ttq_scales(self, kernel):
-    shape = (1,) * (kernel.ndim - 1) + (-1,) if self.config.per_channel else ()
-    return self.alpha_pos[...].reshape(shape), self.alpha_neg[...].reshape(shape)
+  def __getattr__(self, name: str):
+    if not name.startswith("_"):
+      for part in ("weight_quantizer", "input_quantizer"):
+        quantizer = vars(self).get(part)
+        if quantizer is not None and name in vars(quantizer):
+          return getattr(quantizer, name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def weights(self, kernel: jax.Array) -> jax.Array:
     """The kernel used in the forward pass (dequantized ternary, or float for 'fp')."""
-    c = self.config
-    if c.weights == "twn":
-      return q.twn(kernel, c.delta, c.per_channel, c.ste)
-    if c.weights == "ttq":
-      return q.ttq(kernel, *self._ttq_scales(kernel), c.ttq_threshold, c.per_channel)
-    if c.weights == "stochastic":
-      key = None if self.deterministic else self.rngs()
-      return q.stochastic(kernel, key, c.per_channel, c.ste)
-    return kernel
+    return self.weight_quantizer(kernel, deterministic=self.deterministic)
 
   def weight_codes(self, kernel: jax.Array):
     """Inference form of the kernel: ``(t, scale_pos, scale_neg)``, scales of shape ``(N,)``.
 
     ``scale_neg`` is None when both signs share one scale. Deterministic in every mode.
     """
-    c = self.config
-    n = kernel.shape[-1]
-    if c.weights == "twn":
-      t, alpha = q.twn_codes(kernel, c.delta, c.per_channel)
-      return t, jnp.broadcast_to(alpha.reshape(-1), (n,)), None
-    if c.weights == "ttq":
-      t = q.ttq_codes(kernel, c.ttq_threshold, c.per_channel)
-      ap, an = (jnp.broadcast_to(a.reshape(-1), (n,)) for a in self._ttq_scales(kernel))
-      return t, ap, an
-    if c.weights == "stochastic":
-      t, scale = q.stochastic_codes(kernel, None, c.per_channel)
-      return t, jnp.broadcast_to(scale.reshape(-1), (n,)), None
-    raise ValueError("weight_codes() needs ternary weights; this layer is float ('fp')")
+    return self.weight_quantizer.codes(kernel)
 
   def inputs(self, x: jax.Array) -> jax.Array:
     """The inputs used in the forward pass (quantized as configured)."""
-    if self.config.activations == "ternary":
-      return q.ternary_activation(x, self.act_scale[...], self.config.act_threshold)
-    if self.config.activations == "int8":
-      return q.int8(x)
-    return x
+    return self.input_quantizer(x)
 
   def input_codes(self, x: jax.Array):
     """Inference form of the inputs: ``(codes, scale)``; ``(x, None)`` when not quantized."""
-    scale = self.act_scale[...] if self.config.activations == "ternary" else None
-    return q.activation_codes(self.config.activations, x, scale, self.config.act_threshold)
+    return self.input_quantizer.codes(x)
 
   def kernel_forward(self, x, kernel, contract, packed_contract):
     """``packed_contract(codes, x_scale, t, w_scale, w_scale_neg)`` forward, STE backward.
 
-    The forward is the packed inference op (the dispatch's kernels on a GPU, so it equals the
-    ``'xla'`` implementation's integers); the backward is ``jax.vjp`` of the float forward
-    ``contract(inputs(x), weights(kernel))``, as without ``kernel_forward``.
+    The forward is the packed inference op (``config.implementation``, else the dispatch's
+    default: the kernels on a GPU, which equal the ``'xla'`` implementation's integers); the
+    backward is ``jax.vjp`` of the float forward ``contract(inputs(x), weights(kernel))``, as
+    without ``kernel_forward``.
     """
     graphdef, state = nnx.split(self)
 
@@ -157,6 +146,10 @@ class TernaryOperands(nnx.Module):
     f.defvjp(lambda *a: (packed_forward(*a), a), lambda a, g: jax.vjp(float_forward, *a)[1](g))
     return f(x, kernel, state)
 
+  def _op_options(self) -> dict:
+    return dict(x_ternary=self.input_quantizer.x_ternary,
+                implementation=self.config.implementation)
+
 
 class TernaryDotGeneral(TernaryOperands):
   """Drop-in ``dot_general`` for ``nnx.Linear`` that quantizes both operands."""
@@ -167,8 +160,8 @@ class TernaryDotGeneral(TernaryOperands):
     if self.config.kernel_forward:
       def packed(codes, xs, t, ws, wsn):
         out = ops.ternary_matmul(codes.reshape(-1, codes.shape[-1]),
-                                 packing.pack_bitplanes(t, axis=0), x_ternary=True,
-                                 x_scale=xs, w_scale=ws, w_scale_neg=wsn)
+                                 packing.pack_bitplanes(t, axis=0), x_scale=xs, w_scale=ws,
+                                 w_scale_neg=wsn, **self._op_options())
         return out.reshape(*codes.shape[:-1], -1)
       return self.kernel_forward(x, kernel, contract, packed)
     return contract(self.inputs(x), self.weights(kernel))
@@ -188,8 +181,8 @@ class TernaryConvGeneral(TernaryOperands):
         return ops.ternary_conv(
             codes, packing.pack_bitplanes(ops.kernel_to_matrix(t), axis=0),
             window=t.shape[:-2], strides=window_strides, padding=padding,
-            rhs_dilation=kwargs.get("rhs_dilation"), x_ternary=True, x_scale=xs, w_scale=ws,
-            w_scale_neg=wsn)
+            rhs_dilation=kwargs.get("rhs_dilation"), x_scale=xs, w_scale=ws, w_scale_neg=wsn,
+            **self._op_options())
       return self.kernel_forward(x, kernel, contract, packed)
     return contract(self.inputs(x), self.weights(kernel))
 

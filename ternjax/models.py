@@ -85,10 +85,9 @@ def ternary_cnn(quant: QuantConfig, *, fp_first_last: bool = False,
   (learned scale), so activations use all of {-1, 0, +1}. The first layer sees pixels, so its
   input is never ternarized; ``fp_first_last`` also keeps its weights and the last layer float.
   """
-  act = QuantConfig(**{**quant.__dict__, "activations": "ternary"})
-  first = _edge(quant, fp_first_last)
-  first = QuantConfig(**{**first.__dict__, "activations": "none"})
-  last = QuantConfig(**{**FP.__dict__, "activations": "ternary"}) if fp_first_last else act
+  act = dataclasses.replace(quant, activations="ternary")
+  first = dataclasses.replace(_edge(quant, fp_first_last), activations="none")
+  last = dataclasses.replace(FP, activations="ternary") if fp_first_last else act
   return nnx.Sequential(
       TernaryConv(1, 32, (5, 5), padding="VALID", quant=first, rngs=rngs),
       _bn(32, rngs), MaxPool(2),

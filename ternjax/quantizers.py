@@ -28,14 +28,22 @@ activation``                                                            gradient
 
 References: TWN, Li et al. 2016 (arXiv:1605.04711); TTQ, Zhu et al. 2017 (arXiv:1612.01064);
 LSQ, Esser et al. 2020 (arXiv:1902.08153).
+
+Each method is also one small ``nnx.Module`` (:class:`WeightQuantizer`,
+:class:`InputQuantizer`) that owns its state, its training forward and its inference form,
+registered by name (:func:`register`, :data:`WEIGHT_QUANTIZERS`,
+:data:`ACTIVATION_QUANTIZERS`): the names of ``QuantConfig(weights=..., activations=...)``.
+A new method is one subclass and one ``@register("name")`` line.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 STE_MODES = ("identity", "clipped")
 
@@ -202,22 +210,23 @@ def ternary_activation(x: jax.Array, scale: jax.Array, threshold: float = 0.5) -
   Backward: ``∂/∂x = g·[|x| ≤ s]``; with ``v = x/s``,
   ``∂/∂s = Σ g·(t − v)`` inside ``|v| ≤ 1`` and ``Σ g·sign(v)`` outside, times LSQ's gradient
   scale ``1/\sqrt{N}`` (``N`` elements per scale) which keeps the scale's step comparable to the
-  weights'.
+  weights'. The result has ``x``'s dtype (a bfloat16 layer stays bfloat16).
   """
-  return scale * ternary_activation_codes(x, scale, threshold).astype(x.dtype)
+  return _ternary_activation_fwd(x, scale, threshold)[0]
 
 
 def _ternary_activation_fwd(x, scale, threshold):
   t = ternary_activation_codes(x, scale, threshold).astype(x.dtype)
-  return scale * t, (x, scale, t)
+  return (scale.astype(x.dtype) * t), (x, scale, t)
 
 
 def _ternary_activation_bwd(threshold, res, g):
   del threshold
   x, scale, t = res
-  v = x / scale
+  v = x.astype(jnp.result_type(scale)) / scale
   inside = jnp.abs(v) <= 1
-  g_x = g * inside.astype(g.dtype)
+  g_x = (g * inside.astype(g.dtype)).astype(x.dtype)
+  g = g.astype(v.dtype)
   per_scale = x.size // max(jnp.size(scale), 1)
   g_s = jnp.where(inside, t - v, jnp.sign(v)) * g / jnp.sqrt(per_scale)
   return g_x, _sum_to_shape(g_s, jnp.shape(scale)).astype(jnp.result_type(scale))
@@ -243,10 +252,217 @@ def int8(x: jax.Array) -> jax.Array:
 def activation_codes(method: str, x: jax.Array, scale=None, threshold: float = 0.5):
   """Inference form of a layer's inputs: ``(codes, scale)``, or ``(x, None)`` for ``'none'``.
 
-  ``method`` is 'ternary' (learned ``scale``), 'int8' (per-example scale) or 'none'.
+  ``method`` names an input quantizer ('ternary': learned ``scale``; 'int8': per-example
+  scale; 'none'); this is its :meth:`InputQuantizer.inference` on stored arrays (the export's).
   """
-  if method == "ternary":
+  return ACTIVATION_QUANTIZERS[method].inference(x, scale, threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer objects and their registry
+
+
+class QuantState(nnx.Variable):
+  """Quantizer state that is not trained: ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves it
+  alone, checkpoints keep it (e.g. ADMM's auxiliary and dual variables subclass it)."""
+
+
+class WeightQuantizer(nnx.Module):
+  """A kernel quantization method: its state, training forward and inference form.
+
+  Built as ``cls(config, kernel, rngs=rngs)`` from the layer's ``QuantConfig`` and initial
+  kernel; learned state is ``nnx.Param``, other state :class:`QuantState`. ``ternary``: the
+  method has codes (:meth:`codes`); ``kernel_forward``: its codes are its training forward's,
+  so a layer may run the packed op forward (``QuantConfig.kernel_forward``).
+  """
+
+  ternary: ClassVar[bool] = True
+  kernel_forward: ClassVar[bool] = False
+
+  def __init__(self, config, kernel: jax.Array, *, rngs: nnx.Rngs):
+    del kernel, rngs
+    self.config = config
+
+  def __call__(self, kernel: jax.Array, *, deterministic: bool = False) -> jax.Array:
+    """The kernel of the training forward (straight-through backward)."""
+    raise NotImplementedError
+
+  def codes(self, kernel: jax.Array):
+    """Inference form: ``(t, scale_pos, scale_neg)``, int8 codes and scales of shape ``(N,)``;
+    ``scale_neg`` is None when both signs share one scale. Deterministic."""
+    raise NotImplementedError
+
+
+class InputQuantizer(nnx.Module):
+  """An input (activation) quantization method, built as ``cls(config, rngs=rngs)``.
+
+  ``x_ternary``: its codes are trits (the ops' popcount path); ``kernel_forward``: as for
+  :class:`WeightQuantizer`.
+  """
+
+  x_ternary: ClassVar[bool] = False
+  kernel_forward: ClassVar[bool] = False
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    del rngs
+    self.config = config
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """The inputs of the training forward."""
+    raise NotImplementedError
+
+  def codes(self, x: jax.Array):
+    """Inference form: ``(codes, scale)``, or ``(x, None)`` when not quantized."""
+    return self.inference(x, None, self.config.act_threshold)
+
+  @staticmethod
+  def inference(x: jax.Array, scale, threshold: float):
+    """:meth:`codes` from stored arrays (the learned ``scale``, or None)."""
+    raise NotImplementedError
+
+
+WEIGHT_QUANTIZERS: dict[str, type[WeightQuantizer]] = {}
+ACTIVATION_QUANTIZERS: dict[str, type[InputQuantizer]] = {}
+
+
+def register(name: str):
+  """Class decorator: registers a :class:`WeightQuantizer` or :class:`InputQuantizer` under
+  ``name`` (the ``QuantConfig`` and CLI string)."""
+  def add(cls):
+    table = WEIGHT_QUANTIZERS if issubclass(cls, WeightQuantizer) else ACTIVATION_QUANTIZERS
+    table[name] = cls
+    return cls
+  return add
+
+
+def _per_column(scale: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A per-tensor or per-channel (keepdims) scale as ``(N,)``."""
+  return jnp.broadcast_to(scale.reshape(-1), kernel.shape[-1:])
+
+
+@register("fp")
+class FloatWeights(WeightQuantizer):
+  """No quantization: the float kernel (the baseline layer)."""
+
+  ternary = False
+
+  def __call__(self, kernel, *, deterministic=False):
+    return kernel
+
+  def codes(self, kernel):
+    raise ValueError("weight_codes() needs ternary weights; this layer is float ('fp')")
+
+
+@register("twn")
+class TWN(WeightQuantizer):
+  """:func:`twn`: threshold ``delta·mean|w|``, scale from the kernel (``QuantConfig.delta``)."""
+
+  kernel_forward = True
+
+  def __call__(self, kernel, *, deterministic=False):
+    c = self.config
+    return twn(kernel, c.delta, c.per_channel, c.ste)
+
+  def codes(self, kernel):
+    t, alpha = twn_codes(kernel, self.config.delta, self.config.per_channel)
+    return t, _per_column(alpha, kernel), None
+
+
+@register("ttq")
+class TTQ(WeightQuantizer):
+  """:func:`ttq`: learned scales ``alpha_pos`` / ``alpha_neg`` (``nnx.Param``, per channel or
+  scalar), initialized to the mean ``|w|`` of the kernel's positive / negative codes (at least
+  1e-3)."""
+
+  kernel_forward = True
+
+  def __init__(self, config, kernel, *, rngs):
+    super().__init__(config, kernel, rngs=rngs)
+    t = ttq_codes(kernel, config.ttq_threshold, config.per_channel)
+    axes = _reduce_axes(kernel, config.per_channel)
+    shape = kernel.shape[-1:] if config.per_channel else ()
+
+    def mean_abs(mask):
+      total = jnp.sum(jnp.abs(kernel) * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axes), 1)
+      return jnp.maximum(total, 1e-3).reshape(shape)
+
+    self.alpha_pos = nnx.Param(mean_abs(t > 0))
+    self.alpha_neg = nnx.Param(mean_abs(t < 0))
+
+  def _scales(self, kernel):
+    shape = (1,) * (kernel.ndim - 1) + (-1,) if self.config.per_channel else ()
+    return self.alpha_pos[...].reshape(shape), self.alpha_neg[...].reshape(shape)
+
+  def __call__(self, kernel, *, deterministic=False):
+    c = self.config
+    return ttq(kernel, *self._scales(kernel), c.ttq_threshold, c.per_channel)
+
+  def codes(self, kernel):
+    t = ttq_codes(kernel, self.config.ttq_threshold, self.config.per_channel)
+    ap, an = (_per_column(a, kernel) for a in self._scales(kernel))
+    return t, ap, an
+
+
+@register("stochastic")
+class Stochastic(WeightQuantizer):
+  """:func:`stochastic`, drawing from the ``'quant'`` RNG stream; the deterministic rounding
+  when ``deterministic`` (eval mode) and for the codes."""
+
+  def __init__(self, config, kernel, *, rngs):
+    super().__init__(config, kernel, rngs=rngs)
+    self.rngs = rngs["quant"].fork()
+
+  def __call__(self, kernel, *, deterministic=False):
+    key = None if deterministic else self.rngs()
+    return stochastic(kernel, key, self.config.per_channel, self.config.ste)
+
+  def codes(self, kernel):
+    t, scale = stochastic_codes(kernel, None, self.config.per_channel)
+    return t, _per_column(scale, kernel), None
+
+
+@register("none")
+class FloatInputs(InputQuantizer):
+  """No input quantization."""
+
+  def __call__(self, x):
+    return x
+
+  @staticmethod
+  def inference(x, scale, threshold):
+    return x, None
+
+
+@register("ternary")
+class TernaryInputs(InputQuantizer):
+  """:func:`ternary_activation` with a learned scale ``act_scale`` (``nnx.Param``, initially
+  ``QuantConfig.act_scale_init``)."""
+
+  x_ternary = True
+  kernel_forward = True
+
+  def __init__(self, config, *, rngs):
+    super().__init__(config, rngs=rngs)
+    self.act_scale = nnx.Param(jnp.asarray(config.act_scale_init, jnp.float32))
+
+  def __call__(self, x):
+    return ternary_activation(x, self.act_scale[...], self.config.act_threshold)
+
+  def codes(self, x):
+    return self.inference(x, self.act_scale[...], self.config.act_threshold)
+
+  @staticmethod
+  def inference(x, scale, threshold):
     return ternary_activation_codes(x, scale, threshold), scale
-  if method == "int8":
+
+
+@register("int8")
+class Int8Inputs(InputQuantizer):
+  """:func:`int8`: symmetric int8 codes with a per-example scale (W2A8)."""
+
+  def __call__(self, x):
+    return int8(x)
+
+  @staticmethod
+  def inference(x, scale, threshold):
     return int8_codes(x)
-  return x, None

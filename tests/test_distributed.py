@@ -95,6 +95,7 @@ def _metrics(run: Path) -> list[dict]:
   return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(tmp_path):
   """XLA's host-device flag must be set before JAX starts: a subprocess."""
   env = {**_env(tmp_path / "cache"), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -103,6 +104,7 @@ def test_four_devices_match_one(tmp_path):
   assert proc.returncode == 0 and proc.stdout.endswith("ok\n"), proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_a_killed_run_resumes(tmp_path):
   """Two processes train epochs 1-2 of 4; process 1 is killed; process 0 stops at once with one
   line; the run resumes with ONE process and follows the one-process run."""
@@ -171,13 +173,13 @@ def test_unreachable_coordinator_stops_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--devices", "0"], "--devices must be at least 1"),
+    (["--devices", "0"], "--devices: must be an integer of at least 1"),
     (["--devices", "2"], "--devices 2: this run has 1 device(s)"),
     (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
     (["--coordinator", "127.0.0.1:1234"], "go together"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
      "--process-id must be in [0, 2)"),
-    (["--init-timeout", "0"], "--init-timeout"),
+    (["--init-timeout", "0"], "--init-timeout: must be an integer of at least 1"),
     (["--local-device-ids", "0"], "goes with --coordinator"),
     (["--cluster", "--local-device-ids", "a"], "device numbers"),
 ])

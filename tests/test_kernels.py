@@ -1,5 +1,6 @@
 """GPU kernels equal the XLA reference: Pallas in interpret mode on CPU, jax-triton on a GPU."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,10 +10,10 @@ import pytest
 
 from ternjax import kernels, ops, packing
 from ternjax.kernels import BlockSizes, ternary_matmul_pallas
+from ternjax.ops import arg_specs
 
 ON_GPU = jax.default_backend() == "gpu"
-# M = 1, K not a multiple of 32, N not a multiple of the block; small: interpret mode is slow.
-SHAPES = [(1, 100, 33), (5, 70, 17), (17, 64, 40)]
+SHAPES = arg_specs.KERNEL  # small: interpret mode is slow
 CONFIGS = [  # grids of more than one program along M, N and K (split_k)
     BlockSizes(kernel="popcount", block_m=2, block_n=16, block_k=1, split_k=2),
     BlockSizes(kernel="dot", block_m=16, block_n=16, block_k=1, split_k=2),
@@ -97,66 +98,37 @@ def test_unsupported_inputs_raise():
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU fallback")
 def test_dispatch_falls_through_to_xla_on_cpu():
-  assert {"pallas", "gpu"} <= set(ops.IMPLEMENTATIONS)
+  assert "pallas" in ops.IMPLEMENTATIONS and "gpu" in ops.POLICIES
   x, w, _, _ = _operands(4, 50, 9, 6)
-  np.testing.assert_array_equal(
-      ops.ternary_matmul(x, w, x_ternary=True, implementation="pallas,xla"),
-      ops.xla_matmul(x, w, x_ternary=True))
+  for names in ("pallas,xla", "gpu,xla"):
+    np.testing.assert_array_equal(
+        ops.ternary_matmul(x, w, x_ternary=True, implementation=names),
+        ops.xla_matmul(x, w, x_ternary=True))
+
+
+def test_gpu_policy_choices():
+  """The 'gpu' policy: XLA popcount for small ternary products, Pallas in between, XLA's
+  int8 dot from ``kernels_max_m`` rows (ternary codes as int8); other integers unchanged."""
+  w = packing.pack_bitplanes(jnp.zeros((64, 8), jnp.int8), axis=0)
+  tuning = dataclasses.replace(kernels.GPU_TUNING, xla_popcount_max_mkn=4 * 64 * 8)
+
+  def choose(m, x_ternary):
+    name, x, xt = tuning.choose(jnp.zeros((m, 64), jnp.int32), w, x_ternary=x_ternary)
+    return name, x.dtype, xt
+
+  big = tuning.kernels_max_m
+  assert choose(4, True) == ("xla", jnp.int32, True)         # M·K·N up to the threshold
+  assert choose(5, True) == ("pallas", jnp.int32, True)
+  assert choose(big, True) == ("xla", jnp.int8, False)       # ternary codes as int8 codes
+  assert choose(big, False) == ("xla", jnp.int32, False)     # int32 stays int32
 
 
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernels need a GPU")
 @pytest.mark.parametrize("backend", ["pallas", "triton"])
 @pytest.mark.parametrize("bs", [None] + CONFIGS)
-@pytest.mark.parametrize("m,k,n", SHAPES + [(300, 4000, 517)])
+@pytest.mark.parametrize("m,k,n", SHAPES + arg_specs.GPU_CHECK[-1:])
 def test_gpu_kernels_exact(backend, m, k, n, bs):
   module = getattr(kernels, f"ternary_matmul_{backend}")
   if module is None:
     pytest.skip(f"{backend} is not available (jax-triton needs a GPU jax and triton)")
   _check(module.ternary_matmul, m, k, n, bs, seed=m + k + n)
-
-
-# Kernel forward in the layers: forward = packed op through the dispatch, backward = STE.
-ops.register("pallas_interpret",
-             functools.partial(ternary_matmul_pallas.ternary_matmul, interpret=True))
-
-
-def _layer(kind, weights, kernel_forward):
-  from flax import nnx
-  import ternjax as tj
-  quant = tj.QuantConfig(weights=weights, activations="ternary", kernel_forward=kernel_forward)
-  if kind == "linear":
-    return tj.TernaryLinear(37, 20, quant=quant, rngs=nnx.Rngs(0))
-  return tj.TernaryConv(3, 5, (3, 3), strides=2, quant=quant, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("impl", ["pallas_interpret"] + (["pallas", "triton"] if ON_GPU else []))
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-@pytest.mark.parametrize("weights", ["twn", "ttq"])
-def test_kernel_forward_layers(kind, weights, impl, monkeypatch):
-  if impl not in ops.IMPLEMENTATIONS:
-    pytest.skip(f"{impl} is not available here")
-  x = jax.random.normal(jax.random.key(1), (3, 37) if kind == "linear" else (2, 7, 6, 3))
-  layer, reference = _layer(kind, weights, True), _layer(kind, weights, False)
-  monkeypatch.setenv(ops.ENV_VAR, "xla")
-  xla_out = layer(x)
-  monkeypatch.setenv(ops.ENV_VAR, impl)
-  kernel_out = layer(x)
-  if weights == "twn":  # no subtraction in the epilogue: the same floats exactly
-    np.testing.assert_array_equal(kernel_out, xla_out)
-  else:
-    np.testing.assert_allclose(kernel_out, xla_out, rtol=1e-6, atol=1e-6)
-  monkeypatch.setenv(ops.ENV_VAR, "xla")
-  from flax import nnx
-  loss = lambda model: jnp.sum(model(x) ** 2)
-  with jax.default_matmul_precision("float32"):  # no TF32 in the float reference on GPUs
-    # The float forward it replaces: equal up to float rounding of the scales.
-    np.testing.assert_allclose(kernel_out, reference(x), rtol=1e-5, atol=1e-5)
-    grads, ref_grads = nnx.grad(loss)(layer), nnx.grad(loss)(reference)
-  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
-
-
-def test_kernel_forward_needs_fully_ternary_layers():
-  import ternjax as tj
-  with pytest.raises(ValueError, match="kernel_forward"):
-    tj.QuantConfig(weights="twn", activations="int8", kernel_forward=True)

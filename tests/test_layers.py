@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax import lax
 
 import ternjax as tj
-from ternjax import ops, packing, quantizers as q
+from ternjax import ops, packing
+from ternjax import quantizers as q
 
 
 def test_linear_forward_uses_ternary_kernel():
@@ -112,3 +112,61 @@ def test_summary_table():
   assert s.params == sum(l.params for l in s.layers)
   text = str(s)
   assert "TernaryLinear" in text and "αp" in text and "x smaller" in text
+
+
+@pytest.fixture
+def restore_registry():
+  """Registrations made by a test are undone after it."""
+  saved = dict(q.WEIGHT_QUANTIZERS), dict(q.ACTIVATION_QUANTIZERS)
+  yield
+  for table, before in zip((q.WEIGHT_QUANTIZERS, q.ACTIVATION_QUANTIZERS), saved):
+    table.clear()
+    table.update(before)
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(restore_registry):
+  class Calls(q.QuantState):
+    """Training forwards so far: state that is not trained."""
+
+  @q.register("sign")
+  class Sign(q.WeightQuantizer):
+    """Binary ±1 weights (no zeros) with a learned per-channel scale."""
+
+    def __init__(self, config, kernel, *, rngs):
+      super().__init__(config, kernel, rngs=rngs)
+      self.scale = nnx.Param(jnp.mean(jnp.abs(kernel), axis=0))
+      self.calls = Calls(jnp.zeros((), jnp.int32))
+
+    def __call__(self, kernel, *, deterministic=False):
+      self.calls[...] += 1
+      return q.straight_through(kernel, jnp.where(kernel >= 0, 1.0, -1.0)) * self.scale[...]
+
+    def codes(self, kernel):
+      return jnp.where(kernel >= 0, 1, -1).astype(jnp.int8), self.scale[...], None
+
+  assert "sign" in tj.layers.WEIGHT_METHODS
+  layer = tj.TernaryLinear(12, 4, quant=tj.QuantConfig(weights="sign", activations="ternary"),
+                           use_bias=False, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(4), (16, 12))
+  y = jax.random.normal(jax.random.key(5), (16, 4))
+
+  @nnx.jit
+  def step(layer, opt):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(layer)
+    opt.update(layer, grads)
+    return loss
+
+  scale_before = layer.quant.scale[...]
+  losses = [float(step(layer, opt)) for _ in range(5)]
+  assert losses[-1] < losses[0], losses
+  assert not np.allclose(layer.quant.scale[...], scale_before)   # nnx.Param: trained
+  assert int(layer.quant.weight_quantizer.calls[...]) == 5       # QuantState: kept, not trained
+  t, sp, sn = layer.quant.weight_codes(layer.kernel[...])
+  assert set(np.unique(t).tolist()) <= {-1, 1} and sp.shape == (4,) and sn is None
+  assert tj.train.weight_sparsity(nnx.Sequential(layer)) == 0.0
+  layer.eval()
+  codes, xs = layer.quant.input_codes(x)
+  out = ops.ternary_matmul(codes, packing.pack_bitplanes(t, 0), x_ternary=True, x_scale=xs,
+                           w_scale=sp)
+  np.testing.assert_allclose(out, layer(x), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,12 @@
 """Every formulation of the XLA implementation equals an integer NumPy dot exactly.
 
-The CPU path of :func:`ternjax.ops.xla_matmul` picks a formulation by shape; each is checked
-directly here (block sizes small enough that K and N need padding and the loops run several
-steps), and the dispatch is checked on both sides of every threshold.
+The CPU path of :func:`ternjax.ops.xla_matmul` picks a formulation by shape
+(:mod:`ternjax.ops.cpu`); each is checked directly here (with a tuning whose block sizes are
+small enough that K and N need padding and the loops run several steps), and the dispatch is
+checked on both sides of every threshold.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +14,11 @@ import numpy as np
 import pytest
 
 from ternjax import ops, packing
+from ternjax.ops import arg_specs, conv, cpu, xla
 
-# (M, K, N): M = 1, K from 1 to 100 not a multiple of 32, odd N, and a few larger ones.
-SHAPES = [(1, 1, 1), (1, 31, 7), (2, 33, 5), (3, 100, 9), (5, 97, 17), (1, 64, 130),
-          (9, 65, 3), (4, 300, 33)]
+SHAPES = arg_specs.MATMUL
+SMALL_BLOCKS = dataclasses.replace(ops.CPU_TUNING, popcount_tile_k_words=3, popcount_tile_n=8,
+                                   select_k_words=2, dot_k_words=3)
 
 
 def _ternary(rng, shape):
@@ -32,23 +36,26 @@ def _check(accs, ref):
     np.testing.assert_array_equal(np.asarray(a), r.astype(np.asarray(a).dtype))
 
 
-POPCOUNT = {
-    "reference": lambda xb, w, ts: (lambda a: a if ts else (a,))(ops.popcount_matmul(xb, w, ts)),
-    "broadcast": lambda xb, w, ts: ops._popcount_broadcast(*ops._planes(xb, w, ts), ts),
-    "tiled": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts, k_words=3,
-                                                   n_tile=8),
-    "tiled_default": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts,
-                                                           **ops.CPU_POPCOUNT_TILE),
-    "serial": lambda xb, w, ts: ops._popcount_tiled(*ops._planes(xb, w, ts), ts, k_words=1,
-                                                    n_tile=w.pos.shape[1]),
-}
+# case -> (formulation, tuning): every formulation; those with block sizes with the default
+# tuning and with SMALL_BLOCKS; "reference" is xla.popcount_matmul
+POPCOUNT = {"reference": (None, ops.CPU_TUNING), "loop": ("loop", ops.CPU_TUNING),
+            "broadcast": ("broadcast", ops.CPU_TUNING), "tiled": ("tiled", SMALL_BLOCKS),
+            "tiled_default": ("tiled", ops.CPU_TUNING)}
+DOT = {"plain": ("plain", ops.CPU_TUNING), "select": ("select", SMALL_BLOCKS),
+       "blocked": ("blocked", SMALL_BLOCKS), "blocked_default": ("blocked", ops.CPU_TUNING)}
 
-DOT = {
-    "plain": lambda x, w, ts: ops._dot_plain(x, w, ts),
-    "select": lambda x, w, ts: ops._dot_blocked(x, w, ts, k_words=2, select=True),
-    "blocked": lambda x, w, ts: ops._dot_blocked(x, w, ts, k_words=3, select=False),
-    "blocked_default": lambda x, w, ts: ops._dot_blocked(x, w, ts, ops.CPU_DOT_K_WORDS, False),
-}
+
+def test_every_formulation_is_tested():
+  assert {f for f, _ in POPCOUNT.values()} - {None} == set(cpu.POPCOUNT)
+  assert {f for f, _ in DOT.values()} == set(cpu.DOT)
+
+
+def _popcount(name, xb, w, two_sums):
+  formulation, tuning = POPCOUNT[name]
+  if formulation is None:
+    accs = xla.popcount_matmul(xb, w, two_sums)
+    return accs if two_sums else (accs,)
+  return cpu.POPCOUNT[formulation](xla.x_planes(xb), xla.w_planes(w, two_sums), two_sums, tuning)
 
 
 @pytest.mark.parametrize("name", POPCOUNT)
@@ -59,14 +66,15 @@ def test_popcount_formulations_exact(name, m, k, n):
   xb = packing.pack_bitplanes(jnp.asarray(x), axis=1)
   w = packing.pack_bitplanes(jnp.asarray(t), axis=0)
   two_sums = k % 2 == 1  # both forms, on different shapes
-  _check(jax.jit(POPCOUNT[name], static_argnums=2)(xb, w, two_sums), _reference(x, t, two_sums))
+  out = jax.jit(_popcount, static_argnums=(0, 3))(name, xb, w, two_sums)
+  _check(out, _reference(x, t, two_sums))
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_pack_activations_equals_pack_bitplanes(m, k, n):
   x = jnp.asarray(_ternary(np.random.default_rng(k), (m, k)))
-  expected = ops._x_planes(packing.pack_bitplanes(x, axis=1))
-  for got, want in zip(ops._pack_activations(x), expected):
+  expected = xla.x_planes(packing.pack_bitplanes(x, axis=1))
+  for got, want in zip(cpu.activation_planes(x), expected):
     np.testing.assert_array_equal(got, want)
 
 
@@ -77,31 +85,40 @@ def test_dot_formulations_exact(name, m, k, n):
   x, t = rng.integers(-127, 128, (m, k)).astype(np.int8), _ternary(rng, (k, n))
   w = packing.pack_bitplanes(jnp.asarray(t), axis=0)
   two_sums = k % 2 == 0
+  formulation, tuning = DOT[name]
   # integer-valued float32 activations: sums are exact below 2**24
-  out = jax.jit(DOT[name], static_argnums=2)(jnp.asarray(x, jnp.float32), w, two_sums)
+  out = jax.jit(cpu.DOT[formulation], static_argnums=(2, 3))(jnp.asarray(x, jnp.float32), w,
+                                                             two_sums, tuning)
   _check(out, _reference(x, t, two_sums))
 
 
 @pytest.mark.parametrize("x_ternary,k,n,serial", [(True, 70, 11, False), (False, 71, 13, False),
                                                    (True, 72, 12, True), (False, 73, 14, True)])
-def test_dispatch_exact_around_thresholds(monkeypatch, x_ternary, k, n, serial):
-  # shapes of their own: xla_matmul is jitted, so the thresholds are read when a shape is traced
-  monkeypatch.setattr(ops, "CPU_DOT_PLAIN_MAX_BYTES", 0)  # small w would always take one dot
-  # these small products would always take the word loop: with `serial`, M = 1 and 30..35 do
-  monkeypatch.setattr(ops, "CPU_POPCOUNT_SERIAL_MAX_MN", n if serial else 0)
-  monkeypatch.setattr(ops, "CPU_POPCOUNT_LOOP_MIN_MN", 30 * n if serial else 10 ** 9)
-  monkeypatch.setattr(ops, "CPU_POPCOUNT_LOOP_MAX_M", 35)
-  monkeypatch.setattr(ops, "CPU_SELECT_SERIAL_MAX_MN", n if serial else 0)
+def test_dispatch_exact_around_thresholds(x_ternary, k, n, serial):
+  tuning = dataclasses.replace(
+      ops.CPU_TUNING,
+      dot_plain_max_bytes=0,  # small w would always take one dot
+      # these small products would always take the word loop: with `serial`, M = 1 and 30..35 do
+      popcount_serial_max_mn=n if serial else 0,
+      popcount_loop_min_mn=30 * n if serial else 10 ** 9,
+      popcount_loop_max_m=35,
+      select_serial_max_mn=n if serial else 0)
   rng = np.random.default_rng(3)
   t = _ternary(rng, (k, n))
   w = packing.pack_bitplanes(jnp.asarray(t), axis=0)
-  limits = ((ops.CPU_POPCOUNT_BROADCAST_MAX_M, 29, 35) if x_ternary else
-            (ops.CPU_SELECT_MAX_M, ops.CPU_INT8_DOT_MIN_M - 1))
+  limits = ((tuning.popcount_broadcast_max_m, 29, 35) if x_ternary else
+            (tuning.select_max_m, tuning.int8_dot_min_m - 1))
+  formulations = set()
   for m in sorted({1, 40} | {m for limit in limits for m in (limit, limit + 1)}):
     x = _ternary(rng, (m, k)) if x_ternary else rng.integers(-128, 128, (m, k)).astype(np.int8)
-    out = ops.xla_matmul(jnp.asarray(x), w, x_ternary=x_ternary)
+    formulations.add(cpu.popcount_formulation(m, n, tuning) if x_ternary else
+                     cpu.dot_formulation(m, k, n, tuning))
+    out = ops.xla_matmul(jnp.asarray(x), w, x_ternary=x_ternary, tuning=tuning)
     assert out.dtype == jnp.int32
     np.testing.assert_array_equal(out, _reference(x, t, False)[0])
+  # both sides of each threshold were taken
+  assert formulations == ({"loop", "broadcast", "tiled"} if x_ternary and serial else
+                          {"broadcast", "tiled"} if x_ternary else {"select", "blocked"})
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -115,10 +132,10 @@ def test_float_dtypes_exact(dtype):
 
 
 def test_float32_bound():
-  assert ops._float_exact(jnp.int8, 2 ** 17)          # 2^17 · 128 = 2^24: still exact
-  assert not ops._float_exact(jnp.int8, 2 ** 17 + 1)
-  assert ops._float_exact(jnp.int16, 2 ** 9) and not ops._float_exact(jnp.int16, 2 ** 9 + 1)
-  assert not ops._float_exact(jnp.int32, 1)
+  assert xla.float_exact(jnp.int8, 2 ** 17)          # 2^17 · 128 = 2^24: still exact
+  assert not xla.float_exact(jnp.int8, 2 ** 17 + 1)
+  assert xla.float_exact(jnp.int16, 2 ** 9) and not xla.float_exact(jnp.int16, 2 ** 9 + 1)
+  assert not xla.float_exact(jnp.int32, 1)
 
 
 def test_integer_sums_beyond_float32_stay_exact():
@@ -135,8 +152,7 @@ def test_integer_sums_beyond_float32_stay_exact():
   np.testing.assert_array_equal(ops.xla_matmul(jnp.asarray(x, jnp.int16), w), ref)
 
 
-CONV_GEOMETRIES = [((3, 3), (1, 1), "SAME", (2, 2)), ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1)),
-                   ((1, 1), (2, 2), "VALID", (1, 1)), ((5, 5), (1, 1), "VALID", (1, 1))]
+CONV_GEOMETRIES = [spec[:4] for spec in arg_specs.CONV]  # channels: each test's own
 
 
 def _conv_reference(x, kernel, strides, padding, dilation, two_sums=False):
@@ -155,13 +171,13 @@ def _conv_operands(rng, x_shape, window, out_channels, x_ternary):
 
 @pytest.mark.parametrize("window,strides,padding,dilation", CONV_GEOMETRIES)
 @pytest.mark.parametrize("reorder_patches", [True, False])
-def test_conv_exact(monkeypatch, window, strides, padding, dilation, reorder_patches):
+def test_conv_exact(window, strides, padding, dilation, reorder_patches):
   # patches + matmul (int8 x: the xla implementation's direct conv would take it)
-  monkeypatch.setattr(ops, "CONV_REORDER_PATCHES_MAX_M", 10 ** 9 if reorder_patches else 0)
-  monkeypatch.setattr(ops, "CONVOLUTIONS", {})
+  tuning = dataclasses.replace(ops.CPU_TUNING,
+                               conv_reorder_patches_max_m=10 ** 9 if reorder_patches else 0)
   x, kernel, w = _conv_operands(np.random.default_rng(5), (2, 9, 8, 3), window, 4, False)
-  out = ops.ternary_conv(jnp.asarray(x), w, window=window, strides=strides, padding=padding,
-                         rhs_dilation=dilation)
+  out = conv.patches_conv(jnp.asarray(x), w, window=window, strides=strides, padding=padding,
+                          rhs_dilation=dilation, matmul=ops.xla_matmul, tuning=tuning)
   np.testing.assert_array_equal(out, _conv_reference(x, kernel, strides, padding, dilation)[0])
 
 
@@ -169,23 +185,23 @@ def test_conv_exact(monkeypatch, window, strides, padding, dilation, reorder_pat
 # two words per pixel) and the float32 convolution (ternary, int8, float32 x)
 @pytest.mark.parametrize("window,strides,padding,dilation", CONV_GEOMETRIES)
 @pytest.mark.parametrize("path,channels", [("packed", 1), ("packed", 33), ("float", 3)])
-def test_direct_conv_exact(monkeypatch, window, strides, padding, dilation, path, channels):
+def test_direct_conv_exact(window, strides, padding, dilation, path, channels):
   packed = path == "packed"
-  monkeypatch.setattr(ops, "CPU_CONV_PACK_MIN_C", 1 if packed else 10 ** 9)
-  monkeypatch.setattr(ops, "CPU_CONV_PACK_MIN_ROWS", 0)
+  tuning = dataclasses.replace(ops.CPU_TUNING, conv_pack_min_c=1 if packed else 10 ** 9,
+                               conv_pack_min_rows=0)
   rng = np.random.default_rng(channels)
   for x_ternary in (True,) if packed else (True, False):
     x, kernel, w = _conv_operands(rng, (2, 9, 7, channels), window, 5, x_ternary)
     for two_sums in (False, True):
       kwargs = dict(w_scale=jnp.float32(1), w_scale_neg=jnp.float32(1)) if two_sums else {}
       got = ops.xla_conv(jnp.asarray(x), w, window=window, strides=strides, padding=padding,
-                         rhs_dilation=dilation, x_ternary=x_ternary, **kwargs)
+                         rhs_dilation=dilation, x_ternary=x_ternary, tuning=tuning, **kwargs)
       want = _conv_reference(x, kernel, strides, padding, dilation, two_sums)
       # with two sums, the float epilogue gives acc_pos − acc_neg (exact small integers)
       np.testing.assert_array_equal(got, want[0] - want[1] if two_sums else want[0])
       if not packed and not x_ternary:
         got = ops.xla_conv(jnp.asarray(x, jnp.float32), w, window=window, strides=strides,
-                           padding=padding, rhs_dilation=dilation)
+                           padding=padding, rhs_dilation=dilation, tuning=tuning)
         np.testing.assert_array_equal(got, want[0] - want[1] if two_sums else want[0])
 
 
