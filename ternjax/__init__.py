@@ -8,9 +8,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "export", "layers", "models", "ops", "packing", "predict", "quantizers",
-               "runtime_numpy", "train")
+_SUBMODULES = ("convert", "data", "export", "layers", "models", "ops", "packing", "predict",
+               "quantizers", "report", "runtime_numpy", "train")
 _NAMES = {
+    "ternjax.convert": ("Rule", "ternarize"),
     "ternjax.layers": ("QuantConfig", "Summary", "TernaryConv", "TernaryConvGeneral",
                        "TernaryDotGeneral", "TernaryLinear", "TernaryOperands", "summary"),
     "ternjax.ops": ("ternary_conv", "ternary_matmul"),

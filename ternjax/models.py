@@ -4,12 +4,16 @@ The vocabulary (what export, the NumPy runtime and the operation census understa
 ``nnx.Linear``, ``nnx.Conv``, :class:`~ternjax.TernaryLinear`, :class:`~ternjax.TernaryConv`,
 ``nnx.BatchNorm``, ``nnx.Dropout``, :class:`ReLU`, :class:`MaxPool`, :class:`Flatten`.
 Inputs are NHWC images (``(B, 28, 28, 1)`` for MNIST); :class:`Flatten` makes them vectors.
+
+CIFAR-10 models (``CIFAR_MODELS``, ``(B, 32, 32, 3)`` inputs): the residual networks are
+modules of their own (:class:`ResNet` of :class:`BasicBlock`); VGG-7 is a stack as above.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 from flax import nnx
 
 from ternjax.layers import QuantConfig, TernaryConv, TernaryLinear
@@ -36,9 +40,9 @@ class MaxPool(nnx.Module):
     return nnx.max_pool(x, (self.window,) * 2, (self.strides,) * 2)
 
 
-def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def _bn(features: int, rngs: nnx.Rngs, dtype=None) -> nnx.BatchNorm:
   """BatchNorm whose running statistics follow the batches within a few hundred steps."""
-  return nnx.BatchNorm(features, momentum=0.9, rngs=rngs)
+  return nnx.BatchNorm(features, momentum=0.9, dtype=dtype, rngs=rngs)
 
 
 def _edge(quant: QuantConfig, fp_first_last: bool) -> QuantConfig:
@@ -97,3 +101,127 @@ def ternary_cnn(quant: QuantConfig, *, fp_first_last: bool = False,
 
 
 MODELS = {"mlp": mlp, "lenet5": lenet5, "ternary_cnn": ternary_cnn}
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10: ResNet-20 (TTQ's), ResNet-18 (CIFAR variant), VGG-7 (TWN's)
+#
+# Every model takes ``quant`` for its ternary layers, ``fp_first`` / ``fp_last`` (keep the
+# first conv / the classifier's weights float; TTQ keeps the first conv float), ``dtype`` (the
+# compute dtype, e.g. bfloat16; parameters stay float32) and ``num_classes``. The first conv
+# never quantizes its input (pixels). With ternary activations the ReLUs go: the ternary
+# quantizer in front of every later layer is the nonlinearity and uses all of {-1, 0, +1}
+# (a ReLU before it would leave only {0, +1}), as in :func:`ternary_cnn`.
+
+
+def _cifar_quants(quant: QuantConfig, fp_first: bool, fp_last: bool):
+  """The (first, inner, last) layers' configs."""
+  first = dataclasses.replace(FP if fp_first else quant, activations="none")
+  last = dataclasses.replace(FP, activations=quant.activations) if fp_last else quant
+  return first, quant, last
+
+
+def _relu(quant: QuantConfig):
+  return (lambda x: x) if quant.activations == "ternary" else nnx.relu
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, quant: QuantConfig, dtype,
+          rngs: nnx.Rngs) -> TernaryConv:
+  """A bias-free conv (BatchNorm follows) with symmetric padding ``kernel // 2``."""
+  return TernaryConv(cin, cout, (kernel, kernel), stride, padding=kernel // 2, use_bias=False,
+                     quant=quant, dtype=dtype, rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+  """Two 3×3 conv-BN layers and a shortcut, added before the last ReLU (He et al. 2016).
+
+  Where the shape changes the shortcut is ``'A'`` (option A: subsample, zero-pad the new
+  channels, no parameters; the CIFAR ResNets of He et al. and TTQ) or ``'projection'``
+  (strided 1×1 conv and BatchNorm).
+  """
+
+  def __init__(self, cin: int, cout: int, stride: int, quant: QuantConfig, *, shortcut: str,
+               dtype=None, rngs: nnx.Rngs):
+    self.conv1 = _conv(cin, cout, 3, stride, quant, dtype, rngs)
+    self.bn1 = _bn(cout, rngs, dtype)
+    self.conv2 = _conv(cout, cout, 3, 1, quant, dtype, rngs)
+    self.bn2 = _bn(cout, rngs, dtype)
+    self.relu = _relu(quant)
+    self.stride, self.pad = stride, cout - cin
+    reshape = stride != 1 or cin != cout
+    self.projection = nnx.data(nnx.Sequential(_conv(cin, cout, 1, stride, quant, dtype, rngs),
+                                              _bn(cout, rngs, dtype))
+                               if reshape and shortcut == "projection" else None)
+
+  def shortcut(self, x):
+    if self.projection is not None:
+      return self.projection(x)
+    if self.stride == 1 and self.pad == 0:
+      return x
+    x = x[:, ::self.stride, ::self.stride]
+    return jnp.pad(x, ((0, 0),) * 3 + ((self.pad // 2, self.pad - self.pad // 2),))
+
+  def __call__(self, x):
+    y = self.relu(self.bn1(self.conv1(x)))
+    return self.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nnx.Module):
+  """CIFAR ResNet: 3×3 stem conv-BN-ReLU (no max-pool), stages of :class:`BasicBlock` (the
+  first block of every stage after the first has stride 2), global average pool, linear."""
+
+  def __init__(self, widths: tuple[int, ...], depth: int, quant: QuantConfig, *,
+               shortcut: str, fp_first: bool = True, fp_last: bool = False,
+               num_classes: int = 10, dtype=None, rngs: nnx.Rngs):
+    first, inner, last = _cifar_quants(quant, fp_first, fp_last)
+    self.stem = _conv(3, widths[0], 3, 1, first, dtype, rngs)
+    self.bn = _bn(widths[0], rngs, dtype)
+    self.relu = _relu(quant)
+    blocks, cin = [], widths[0]
+    for i, width in enumerate(widths):
+      for j in range(depth):
+        stride = 2 if i > 0 and j == 0 else 1
+        blocks.append(BasicBlock(cin, width, stride, inner, shortcut=shortcut, dtype=dtype,
+                                 rngs=rngs))
+        cin = width
+    self.blocks = nnx.List(blocks)
+    self.head = TernaryLinear(cin, num_classes, quant=last, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.relu(self.bn(self.stem(x)))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def resnet20(quant: QuantConfig, **kwargs) -> ResNet:
+  """ResNet-20 (He et al.; TTQ's CIFAR network): 16/32/64 channels, 3 blocks each, option-A
+  shortcuts, 0.27 M parameters."""
+  return ResNet((16, 32, 64), 3, quant, shortcut="A", **kwargs)
+
+
+def resnet18(quant: QuantConfig, **kwargs) -> ResNet:
+  """ResNet-18, CIFAR variant: 3×3 stem, no max-pool, 64/128/256/512 channels, 2 blocks
+  each, 1×1 strided projection shortcuts (ternary like the other inner convs), 11 M params."""
+  return ResNet((64, 128, 256, 512), 2, quant, shortcut="projection", **kwargs)
+
+
+def vgg7(quant: QuantConfig, *, fp_first: bool = True, fp_last: bool = False,
+         num_classes: int = 10, dtype=None, rngs: nnx.Rngs) -> nnx.Sequential:
+  """VGG-7 (TWN's): 2×128C3-MP2-2×256C3-MP2-2×512C3-MP2-FC1024-FC, BatchNorm after each
+  conv and the FC1024."""
+  first, inner, last = _cifar_quants(quant, fp_first, fp_last)
+  relu = [] if quant.activations == "ternary" else [ReLU()]
+  layers, cin = [], 3
+  for i, width in enumerate((128, 128, 256, 256, 512, 512)):
+    layers += [_conv(cin, width, 3, 1, first if i == 0 else inner, dtype, rngs),
+               _bn(width, rngs, dtype), *relu] + ([MaxPool(2)] if i % 2 else [])
+    cin = width
+  return nnx.Sequential(
+      *layers, Flatten(),
+      TernaryLinear(512 * 4 * 4, 1024, quant=inner, dtype=dtype, rngs=rngs),
+      _bn(1024, rngs, dtype), *relu,
+      TernaryLinear(1024, num_classes, quant=last, dtype=dtype, rngs=rngs))
+
+
+CIFAR_MODELS = {"resnet20": resnet20, "resnet18": resnet18, "vgg7": vgg7}

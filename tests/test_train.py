@@ -121,6 +121,37 @@ def test_random_shift_translates_each_image():
   assert train.random_shift(images, jax.random.key(0), 0) is images
 
 
+def test_random_flip_and_augment():
+  images = jnp.arange(64 * 4 * 5 * 3, dtype=jnp.float32).reshape(64, 4, 5, 3)
+  out = train.random_flip(images, jax.random.key(0))
+  flipped = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)])
+  kept = np.array([np.array_equal(o, i) for o, i in zip(out, images)])
+  assert out.shape == images.shape and np.all(flipped ^ kept) and 10 < flipped.sum() < 54
+  config = train.TrainConfig(shift=4, flip=True)
+  crop = train.augment(jnp.ones((8, 32, 32, 3)), jax.random.key(1), config)
+  assert crop.shape == (8, 32, 32, 3) and 0 < float(crop.mean()) < 1  # zero-padded crops
+  no_flip = dataclasses.replace(config, flip=False)
+  np.testing.assert_array_equal(train.augment(images, jax.random.key(2), no_flip),
+                                train.random_shift(images, jax.random.key(2), 4))
+
+
+def test_scanned_chunks_equal_single_steps(small, tmp_path):
+  """One scan over the epoch, chunks of 3 steps, and one step per call: the same training."""
+  config = train.TrainConfig(epochs=2, batch_size=64, optimizer="sgd", lr=0.05, nesterov=True,
+                             weight_decay=5e-4, label_smoothing=0.1, shift=2, flip=True)
+  runs = []
+  for n in (0, 3, 1):
+    model = _mlp(weights="stochastic")
+    summary = train.train_and_evaluate(dataclasses.replace(config, steps_per_call=n), model,
+                                       small, tmp_path / str(n))
+    runs.append((_params(model), summary))
+  for params, summary in runs[1:]:
+    for a, b in zip(runs[0][0], params):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert summary["train_accuracy"] == runs[0][1]["train_accuracy"]
+  assert runs[0][1]["train_images_per_s"] > 0 and runs[0][1]["compile_time_s"] > 0
+
+
 def _cli(out, *extra):
   return [sys.executable, str(SCRIPT), "--limit", "1024", "--epochs", "4", "--batch-size", "64",
           "--weights", "stochastic", "--out", str(out), *extra]
@@ -157,6 +188,7 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
   assert "resumed from" in resumed.stdout
   a, b = _final_params(tmp_path / "full", 4), _final_params(tmp_path / "cut", 4)
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-  metrics = lambda run: [{k: v for k, v in json.loads(l).items() if k != "epoch_time"}
+  timing = ("epoch_time", "images_per_s", "compile_time")
+  metrics = lambda run: [{k: v for k, v in json.loads(l).items() if k not in timing}
                          for l in (run / "metrics.jsonl").read_text().splitlines()]
   assert metrics(tmp_path / "full") == metrics(tmp_path / "cut")
