@@ -6,7 +6,8 @@
   python experiments/mnist.py --limit 1024 --epochs 1        # smoke run on a subset
   python experiments/mnist.py ... --resume                   # continue an interrupted run
 
-Each run writes config.json, metrics.jsonl, checkpoints/ and summary.json into --out (default
+Each run writes config.json, metrics.jsonl, checkpoints/, summary.json and the accuracy report
+(report.json, confusion.png, confidence.png) into --out (default
 runs/mnist-MODEL-WEIGHTS-DATASET-sSEED), and refuses a non-empty --out unless given --resume
 or --overwrite. Data: --data-dir, else $TERNJAX_DATA, else ~/.cache/ternjax (downloaded there
 when missing and the network is up).
@@ -34,8 +35,15 @@ from flax import nnx
 import ternjax as tj
 from ternjax import data as tjdata
 from ternjax import export as tjexport
+from ternjax import report as tjreport
 from ternjax.layers import ACTIVATION_METHODS, WEIGHT_METHODS
-from ternjax.train import TrainConfig, train_and_evaluate
+from ternjax.train import TrainConfig, predict, train_and_evaluate
+
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
 
 # Per-model recipe: Adam with cosine decay to 0, random shifts of up to 2 pixels.
 RECIPES = {
@@ -118,6 +126,9 @@ def main(argv=None) -> dict:
                                 overwrite=args.overwrite, meta=meta)
   except (FileExistsError, ValueError) as err:
     args.error(str(err))
+  logits = predict(model, data.x_test, args.config.eval_batch_size)
+  tjreport.write(args.out, logits, data.y_test, CLASS_NAMES[args.dataset],
+                 title=f"{args.model} {args.weights} {data.name}", extra={**meta, "summary": result})
   print(f"final test accuracy: {result['test_accuracy']:.4f} ({args.model}, {args.weights}, "
         f"{data.name}; {result['train_time_s']:.1f} s training on {result['device']}) -> "
         f"{args.out}/summary.json")

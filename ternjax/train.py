@@ -234,6 +234,19 @@ def _restore(manager, model, optimizer) -> int:
   return step
 
 
+def restore_model(workdir, model: nnx.Module) -> int:
+  """Loads the model part of ``workdir``'s latest checkpoint into ``model`` (which must have
+  the run's architecture); returns the checkpoint's epoch. For fine-tuning from a run."""
+  workdir = Path(workdir)
+  saved = json.loads((workdir / "config.json").read_text())["train"]
+  config = TrainConfig(**{**saved, "milestones": tuple(saved["milestones"])})
+  optimizer = nnx.Optimizer(model, make_optimizer(config, 1)[0], wrt=nnx.Param)
+  with ocp.CheckpointManager(workdir.absolute() / "checkpoints") as manager:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    return _restore(manager, model, optimizer)
+
+
 def _prepare_workdir(workdir: Path, config_json: dict, resume: bool, overwrite: bool) -> None:
   """Creates ``workdir``; refuses to touch a non-empty one unless resuming or overwriting."""
   saved = workdir / "config.json"

@@ -65,8 +65,11 @@ def test_smoke_mlp(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "TernaryLinear" in out and "final test accuracy" in out
   assert result["test_accuracy"] > 0.5
-  for name in ("config.json", "metrics.jsonl", "summary.json"):
+  for name in ("config.json", "metrics.jsonl", "summary.json", "report.json", "confusion.png",
+               "confidence.png"):
     assert (tmp_path / "run" / name).exists()
+  report = json.loads((tmp_path / "run" / "report.json").read_text())
+  assert report["top1"] == result["test_accuracy"] and report["examples"] == 1024
   assert json.loads((tmp_path / "run" / "summary.json").read_text())["limit"] == 1024
 
 

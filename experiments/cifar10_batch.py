@@ -1,0 +1,169 @@
+"""Runs a named set of CIFAR-10 trainings and benchmarks concurrently on one GPU, and gathers
+their results into few files (a GPU call brings back at most 8 files).
+
+  python experiments/cifar10_batch.py probe --data-dir /root/c10/bin --out $OUT
+  python experiments/cifar10_batch.py main --data-dir /root/c10/bin --out $OUT \\
+      --epochs resnet20=100 resnet18=40 vgg7=40 --limit-s 510
+
+Plans are phases run one after another; the runs of a phase share the GPU as separate
+processes (XLA_PYTHON_CLIENT_PREALLOCATE=false, one persistent compilation cache, so the seeds
+of one model compile once). Every run is killed after --limit-s seconds (its metrics.jsonl and
+checkpoints stay; ``cifar10.py --resume`` continues it). Run directories (with checkpoints)
+live under --work; --out receives results.md and results.json (every run's summary, the
+benchmark rows), cifar10_PLAN.tar.gz (each run's summary/metrics/report JSON, PNGs and log
+tail), and the confusion and confidence PNGs of the best ternary ResNet-18.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CIFAR = [sys.executable, str(HERE / "cifar10.py")]
+BENCH = [sys.executable, str(HERE / "bench_train.py")]
+KEPT = ("summary.json", "metrics.jsonl", "report.json", "confusion.png", "confidence.png",
+        "bench_train.json")
+
+
+def _train(name, model, *extra, epochs=None):
+  return name, model, [*CIFAR, "--model", model, *extra], epochs
+
+
+def plans() -> dict[str, list[list[tuple]]]:
+  """name -> phases -> (run name, model, argv, epochs or None: the model's --epochs)."""
+  probe = [
+      [_train(f"{m}-{w}", m, "--weights", w, epochs=2) for m in ("resnet20", "resnet18", "vgg7")
+       for w in ("fp", "twn")],
+      [("bench", None, [*BENCH, "--steps", "20", "--repeats", "3"], None)],
+  ]
+  seeds = [_train(f"resnet20-{w}-s{s}", "resnet20", "--weights", w, "--seed", str(s))
+           for w in ("fp", "twn") for s in (0, 1, 2)]
+  main = [seeds + [
+      _train("resnet18-twn", "resnet18", "--weights", "twn"),
+      _train("resnet18-fp", "resnet18", "--weights", "fp"),  # also: exact vs degraded records
+      _train("resnet18-twn-aternary", "resnet18", "--weights", "twn", "--activations", "ternary"),
+      _train("vgg7-fp", "vgg7", "--weights", "fp"),
+      _train("vgg7-twn", "vgg7", "--weights", "twn"),
+  ]]
+  return {"probe": probe, "main": main}
+
+
+def _launch(name, model, argv, epochs, args, work: Path, env) -> tuple[str, subprocess.Popen]:
+  argv = list(argv)
+  if model is not None:
+    epochs = epochs or args.epochs.get(model)
+    argv += ["--data-dir", args.data_dir, "--out", str(work / name), "--overwrite"]
+    argv += ["--epochs", str(epochs)] if epochs else []
+    argv += ["--dtype", "float32"] if "--activations" in argv and args.wa_float32 else []
+  else:
+    argv += ["--out", str(work / name / "bench_train.json")]
+    (work / name).mkdir(parents=True, exist_ok=True)
+  log = open(work / f"{name}.log", "w")
+  print(f"start {name}: {' '.join(argv[1:])}", flush=True)
+  return name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_plan(args) -> list[dict]:
+  work = Path(args.work)
+  work.mkdir(parents=True, exist_ok=True)
+  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1",
+         "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache")}
+  results = []
+  for phase in plans()[args.plan]:
+    start = time.monotonic()
+    procs = [_launch(*run, args, work, env) for run in phase]
+    for name, proc in procs:
+      try:
+        code = proc.wait(timeout=max(args.limit_s - (time.monotonic() - start), 1))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        code = f"killed after {args.limit_s} s"
+      results.append({"run": name, "exit": code, "wall_s": round(time.monotonic() - start, 1)})
+      print(f"done {name}: exit {code}, {results[-1]['wall_s']} s", flush=True)
+  return results
+
+
+def gather(args, results: list[dict]) -> None:
+  work, out = Path(args.work), Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  rows, bench = [], []
+  with tarfile.open(out / f"cifar10_{args.plan}.tar.gz", "w:gz") as tar:
+    for r in results:
+      run = work / r["run"]
+      for name in KEPT:
+        if (run / name).exists():
+          tar.add(run / name, f"{r['run']}/{name}")
+      log = work / f"{r['run']}.log"
+      tail = log.read_text(errors="replace")[-20000:] if log.exists() else ""
+      info = tarfile.TarInfo(f"{r['run']}/log_tail.txt")
+      info.size = len(tail.encode())
+      tar.addfile(info, io.BytesIO(tail.encode()))
+      if (run / "bench_train.json").exists():
+        bench = json.loads((run / "bench_train.json").read_text())["rows"]
+      metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+                 if l.strip()] if (run / "metrics.jsonl").exists() else []
+      summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() \
+          else {}
+      last = metrics[-1] if metrics else {}
+      rows.append({**r, "epochs_done": last.get("epoch"),
+                   "test_accuracy": last.get("test_accuracy"),
+                   "test_accuracy_exact": last.get("test_accuracy_exact"),
+                   "test_accuracy_degraded": last.get("test_accuracy_degraded"),
+                   "train_time_s": summary.get("train_time_s",
+                                               sum(m["epoch_time"] for m in metrics)),
+                   "compile_time_s": summary.get("compile_time_s"),
+                   "train_images_per_s": summary.get("train_images_per_s"),
+                   "sparsity": last.get("sparsity")})
+  best = work / "resnet18-twn"
+  for name in ("confusion.png", "confidence.png"):
+    if (best / name).exists():
+      (out / f"resnet18-twn-{name}").write_bytes((best / name).read_bytes())
+  (out / "results.json").write_text(json.dumps({"plan": args.plan, "runs": rows,
+                                                "bench": bench}, indent=2) + "\n")
+  pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
+  lines = [f"# CIFAR-10 plan '{args.plan}'", "",
+           "| run | exit | epochs | test % | exact 0..999 % | degraded % | train s | compile s "
+           "| img/s |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['run']} | {r['exit']} | {r['epochs_done']} | {pct(r['test_accuracy'])} "
+                 f"| {pct(r['test_accuracy_exact'])} | {pct(r['test_accuracy_degraded'])} "
+                 f"| {r['train_time_s'] or 0:.0f} | {r['compile_time_s'] or 0:.0f} "
+                 f"| {r['train_images_per_s'] or 0:,.0f} |")
+  if bench:
+    lines += ["", "| model | weights | batch | ms/step | img/s | x float |", "|---|---|---|---|---|---|"]
+    lines += [f"| {b['model']} | {b['weights']} | {b['batch']} | {b['step_ms']:.2f} "
+              f"| {b['images_per_s']:,.0f} | {b['vs_float'] or 1:.3f} |" for b in bench]
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+  p.add_argument("plan", choices=tuple(plans()))
+  p.add_argument("--data-dir", required=True, help="folder holding the CIFAR-10 .bin files")
+  p.add_argument("--out", required=True, help="where the gathered results go ($OUT)")
+  p.add_argument("--work", default="/tmp/cifar10_runs", help="run directories (checkpoints)")
+  p.add_argument("--epochs", nargs="*", default=[], metavar="MODEL=N",
+                 help="epochs per model (else the recipe's)")
+  p.add_argument("--limit-s", type=float, default=510, help="wall-clock limit per phase")
+  p.add_argument("--wa-float32", action="store_true",
+                 help="ternary-activation runs in float32 (if bf16 ternary activations fail)")
+  args = p.parse_args(argv)
+  try:
+    args.epochs = {k: int(v) for k, v in (e.split("=") for e in args.epochs)}
+  except ValueError:
+    p.error(f"--epochs takes MODEL=N pairs, got {args.epochs}")
+  gather(args, run_plan(args))
+
+
+if __name__ == "__main__":
+  main()
