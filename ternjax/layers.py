@@ -54,9 +54,11 @@ class QuantConfig:
                                  # ops.ternary_matmul / ternary_conv on codes, STE backward
   implementation: str | None = None  # kernel_forward: the ops implementation(s), e.g.
                                      # 'pallas,xla' (None: the dispatch's default)
-  admm_rho: float = 1e-3         # ADMM: initial penalty ρ of (ρ/2)·‖W − G + U‖²
-  admm_growth: float = 1.0       # ADMM: ρ is multiplied by this at every dual update
+  admm_rho: float = 1e-4         # ADMM: initial penalty ρ of (ρ/2)·‖W − G + U‖²
+  admm_growth: float = 1.07      # ADMM: ρ is multiplied by this at every dual update
   admm_every: int = 100          # ADMM: optimizer steps between dual updates (k)
+  admm_forward: str = "float"    # ADMM training forward: 'float' W (the paper's) |
+                                 # 'projected' Π(W), straight-through backward
 
   def __post_init__(self):
     weights, activations = tuple(q.WEIGHT_QUANTIZERS), tuple(q.ACTIVATION_QUANTIZERS)
@@ -77,6 +79,9 @@ class QuantConfig:
         raise ValueError("implementation selects the op of kernel_forward layers; "
                          "set kernel_forward=True")
       ops.candidates(self.implementation)  # unknown names: ValueError
+    if self.admm_forward not in q.ADMM_FORWARDS:
+      raise ValueError(f"admm_forward must be one of {q.ADMM_FORWARDS}, "
+                       f"got {self.admm_forward!r}")
     if not (isinstance(self.admm_every, int) and self.admm_every >= 1):
       raise ValueError(f"admm_every must be a positive integer, got {self.admm_every!r}")
     for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init", "admm_rho",

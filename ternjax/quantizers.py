@@ -20,8 +20,8 @@ quantizer       forward                                                 backward
                 0                                                       +, 0, − sets; αp: Σ g over
                                                                         +; αn: −Σ g over −
 ``stochastic``  s = max|w|; t = sign(w)·Bernoulli(|w|/s); returns s·t   STE (identity or clipped)
-``admm``        training: the float w (ADMM's penalty pulls it to its   the float gradient plus
-                ternary projection); eval: :func:`ternary_fit`'s α·t    ρ(w − G + U) (penalty)
+``admm``        training: the float w (or its projection, STE); the     the loss gradient plus
+                penalty pulls w to ternary; eval: :func:`ternary_fit`   ρ(w − G + U) (penalty)
 ``ternary_      t = sign(x)·[|x| > θ·s]; returns s·t                    x: g·[|x| ≤ s]; s: LSQ
 activation``                                                            gradient (below)
 ``int8``        s = max|x|/127 per example; returns s·round(x/s)        identity (no clipping
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 STE_MODES = ("identity", "clipped")
+ADMM_FORWARDS = ("float", "projected")
 
 
 def _reduce_axes(x: jax.Array, per_channel: bool) -> tuple[int, ...]:
@@ -476,8 +477,10 @@ class ADMM(WeightQuantizer):
   scaled dual variable, both :class:`ADMMState` (kept in checkpoints, not trained). Every
   ``admm_every`` optimizer steps (:meth:`update`): ``G ← Π(W + U)``, ``U ← U + W − G``,
   ``ρ ← ρ·admm_growth`` (starting from ``admm_rho``). The training forward uses the float
-  ``W``; eval mode and the codes use the hard projection ``Π(W)``, so the test accuracy of
-  the training loop is the ternary model's.
+  ``W`` (``admm_forward='float'``, the paper's proximal step) or ``Π(W)`` with a
+  straight-through backward (``'projected'``: the ternary network trains, the penalty keeps
+  ``W`` near its projection); eval mode and the codes use the hard projection ``Π(W)``, so the
+  test accuracy of the training loop is always the ternary model's.
   """
 
   def __init__(self, config, kernel, *, rngs):
@@ -491,7 +494,12 @@ class ADMM(WeightQuantizer):
     return alpha * t.astype(alpha.dtype)
 
   def __call__(self, kernel, *, deterministic=False):
-    return self._project(kernel) if deterministic else kernel
+    if deterministic:
+      return self._project(kernel)
+    if self.config.admm_forward == "projected":
+      return straight_through(kernel, jax.lax.stop_gradient(self._project(kernel)),
+                              self.config.ste)
+    return kernel
 
   def codes(self, kernel):
     t, alpha = ternary_fit(kernel, self.config.per_channel)
