@@ -42,6 +42,7 @@ class QuantConfig:
   """How a layer quantizes its kernel and its inputs."""
 
   weights: str = "twn"           # a WEIGHT_QUANTIZERS name: 'fp' | 'twn' | 'ttq' | 'stochastic'
+                                 # | 'admm'
   per_channel: bool = True       # one scale (and threshold) per output channel
   delta: float = 0.7             # TWN threshold factor: Δ = delta·mean|w|
   ttq_threshold: float = 0.05    # TTQ threshold factor: Δ = ttq_threshold·max|w|
@@ -53,6 +54,11 @@ class QuantConfig:
                                  # ops.ternary_matmul / ternary_conv on codes, STE backward
   implementation: str | None = None  # kernel_forward: the ops implementation(s), e.g.
                                      # 'pallas,xla' (None: the dispatch's default)
+  admm_rho: float = 1e-4         # ADMM: initial penalty ρ of (ρ/2)·‖W − G + U‖²
+  admm_growth: float = 1.07      # ADMM: ρ is multiplied by this at every dual update
+  admm_every: int = 100          # ADMM: optimizer steps between dual updates (k)
+  admm_forward: str = "float"    # ADMM training forward: 'float' W (the paper's) |
+                                 # 'projected' Π(W), straight-through backward
 
   def __post_init__(self):
     weights, activations = tuple(q.WEIGHT_QUANTIZERS), tuple(q.ACTIVATION_QUANTIZERS)
@@ -73,7 +79,13 @@ class QuantConfig:
         raise ValueError("implementation selects the op of kernel_forward layers; "
                          "set kernel_forward=True")
       ops.candidates(self.implementation)  # unknown names: ValueError
-    for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init"):
+    if self.admm_forward not in q.ADMM_FORWARDS:
+      raise ValueError(f"admm_forward must be one of {q.ADMM_FORWARDS}, "
+                       f"got {self.admm_forward!r}")
+    if not (isinstance(self.admm_every, int) and self.admm_every >= 1):
+      raise ValueError(f"admm_every must be a positive integer, got {self.admm_every!r}")
+    for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init", "admm_rho",
+                 "admm_growth"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -185,6 +197,29 @@ class TernaryConvGeneral(TernaryOperands):
             **self._op_options())
       return self.kernel_forward(x, kernel, contract, packed)
     return contract(self.inputs(x), self.weights(kernel))
+
+
+def _quantized_layers(model: nnx.Module):
+  """``(layer, quant)`` for every layer of ``model`` with a :class:`TernaryOperands`."""
+  for _, module in nnx.iter_modules(model):
+    quant = getattr(module, "quant", None)
+    if isinstance(quant, TernaryOperands):
+      yield module, quant
+
+
+def quant_penalty(model: nnx.Module) -> jax.Array | None:
+  """The sum of the weight quantizers' loss terms (``WeightQuantizer.penalty``) over
+  ``model``'s layers, or None when no quantizer has one (nothing to add to the loss)."""
+  terms = [t for layer, quant in _quantized_layers(model)
+           if (t := quant.weight_quantizer.penalty(layer.kernel[...])) is not None]
+  return sum(terms) if terms else None
+
+
+def quant_update(model: nnx.Module, step: jax.Array) -> None:
+  """Calls every weight quantizer's ``update(kernel, step)``: its non-trained state after
+  optimizer step ``step`` (e.g. ADMM's projection and dual update every k steps)."""
+  for layer, quant in _quantized_layers(model):
+    quant.weight_quantizer.update(layer.kernel[...], step)
 
 
 class TernaryLinear(nnx.Linear):

@@ -20,6 +20,8 @@ quantizer       forward                                                 backward
                 0                                                       +, 0, − sets; αp: Σ g over
                                                                         +; αn: −Σ g over −
 ``stochastic``  s = max|w|; t = sign(w)·Bernoulli(|w|/s); returns s·t   STE (identity or clipped)
+``admm``        training: the float w (or its projection, STE); the     the loss gradient plus
+                penalty pulls w to ternary; eval: :func:`ternary_fit`   ρ(w − G + U) (penalty)
 ``ternary_      t = sign(x)·[|x| > θ·s]; returns s·t                    x: g·[|x| ≤ s]; s: LSQ
 activation``                                                            gradient (below)
 ``int8``        s = max|x|/127 per example; returns s·round(x/s)        identity (no clipping
@@ -27,7 +29,7 @@ activation``                                                            gradient
 ==============  ======================================================  ===========================
 
 References: TWN, Li et al. 2016 (arXiv:1605.04711); TTQ, Zhu et al. 2017 (arXiv:1612.01064);
-LSQ, Esser et al. 2020 (arXiv:1902.08153).
+LSQ, Esser et al. 2020 (arXiv:1902.08153); ADMM, Leng et al. 2018 (arXiv:1707.09870).
 
 Each method is also one small ``nnx.Module`` (:class:`WeightQuantizer`,
 :class:`InputQuantizer`) that owns its state, its training forward and its inference form,
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 STE_MODES = ("identity", "clipped")
+ADMM_FORWARDS = ("float", "projected")
 
 
 def _reduce_axes(x: jax.Array, per_channel: bool) -> tuple[int, ...]:
@@ -195,6 +198,37 @@ def stochastic(w: jax.Array, key: jax.Array | None, per_channel: bool = False,
 
 
 # --------------------------------------------------------------------------------------------
+# Ternary projection (ADMM)
+
+
+def ternary_fit(w: jax.Array, per_channel: bool = False, iterations: int = 10):
+  r"""Ternary projection of ``w``: codes ``t`` and scale ``α`` (keepdims) fitting ``α·t`` to ``w``.
+
+  The alternation of Leng et al. 2018 (the projection step of their ADMM), from TWN's codes:
+  for a fixed support the optimal scale is ``α = Σ|w|·|t| / Σ|t|``; for a fixed ``α`` the
+  nearest codes are ``t = sign(w)·[|w| > α/2]``. Neither half-step can raise ``‖w − α·t‖²``;
+  the returned ``α`` is the optimal one for the returned codes.
+
+  >>> t, a = ternary_fit(jnp.array([1.0, 0.9, 0.2, -1.1]))
+  >>> t.tolist(), round(float(a), 4)
+  ([1, 1, 0, -1], 1.0)
+  """
+  axes = _reduce_axes(w, per_channel)
+  absw = jnp.abs(w)
+
+  def scale(t):
+    nonzero = jnp.abs(t).astype(w.dtype)
+    count = jnp.sum(nonzero, axis=axes, keepdims=True)
+    return jnp.sum(absw * nonzero, axis=axes, keepdims=True) / jnp.maximum(count, 1)
+
+  t, alpha = twn_codes(w, per_channel=per_channel)
+  for _ in range(iterations):
+    t = _ternary_from_threshold(w, alpha / 2)
+    alpha = scale(t)
+  return t, alpha
+
+
+# --------------------------------------------------------------------------------------------
 # Activations
 
 
@@ -291,6 +325,16 @@ class WeightQuantizer(nnx.Module):
     """Inference form: ``(t, scale_pos, scale_neg)``, int8 codes and scales of shape ``(N,)``;
     ``scale_neg`` is None when both signs share one scale. Deterministic."""
     raise NotImplementedError
+
+  def penalty(self, kernel: jax.Array) -> jax.Array | None:
+    """A term the training loss adds (e.g. ADMM's augmented Lagrangian), or None: no term."""
+    del kernel
+    return None
+
+  def update(self, kernel: jax.Array, step: jax.Array) -> None:
+    """Updates non-trained state after optimizer step ``step`` (a traced count, inside the
+    jitted step: gate on it with ``lax.cond``, not Python); by default nothing."""
+    del kernel, step
 
 
 class InputQuantizer(nnx.Module):
@@ -419,6 +463,62 @@ class Stochastic(WeightQuantizer):
   def codes(self, kernel):
     t, scale = stochastic_codes(kernel, None, self.config.per_channel)
     return t, _per_column(scale, kernel), None
+
+
+class ADMMState(QuantState):
+  """ADMM's auxiliary ternary variable ``G``, dual variable ``U`` and penalty ``ρ``."""
+
+
+@register("admm")
+class ADMM(WeightQuantizer):
+  r"""ADMM ternary training (Leng et al. 2018): the float kernel ``W`` trains under the
+  augmented-Lagrangian term ``(ρ/2)·‖W − G + U‖²`` (:meth:`penalty`).
+
+  ``G`` is a ternary projection (:func:`ternary_fit`, α re-fitted each time) and ``U`` the
+  scaled dual variable, both :class:`ADMMState` (kept in checkpoints, not trained). Every
+  ``admm_every`` optimizer steps (:meth:`update`): ``G ← Π(W + U)``, ``U ← U + W − G``,
+  ``ρ ← ρ·admm_growth`` (starting from ``admm_rho``). The training forward uses the float
+  ``W`` (``admm_forward='float'``, the paper's proximal step) or ``Π(W)`` with a
+  straight-through backward (``'projected'``: the ternary network trains, the penalty keeps
+  ``W`` near its projection); eval mode and the codes use the hard projection ``Π(W)``, so the
+  test accuracy of the training loop is always the ternary model's.
+  """
+
+  def __init__(self, config, kernel, *, rngs):
+    super().__init__(config, kernel, rngs=rngs)
+    self.g = ADMMState(self._project(kernel))
+    self.u = ADMMState(jnp.zeros_like(kernel))
+    self.rho = ADMMState(jnp.asarray(config.admm_rho, jnp.float32))
+
+  def _project(self, kernel):
+    t, alpha = ternary_fit(kernel, self.config.per_channel)
+    return alpha * t.astype(alpha.dtype)
+
+  def __call__(self, kernel, *, deterministic=False):
+    if deterministic:
+      return self._project(kernel)
+    if self.config.admm_forward == "projected":
+      return straight_through(kernel, jax.lax.stop_gradient(self._project(kernel)),
+                              self.config.ste)
+    return kernel
+
+  def codes(self, kernel):
+    t, alpha = ternary_fit(kernel, self.config.per_channel)
+    return t, _per_column(alpha, kernel), None
+
+  def penalty(self, kernel):
+    r = kernel - self.g[...] + self.u[...]
+    return 0.5 * self.rho[...] * jnp.sum(r * r)
+
+  def update(self, kernel, step):
+    def dual_step(state):
+      _, u, rho = state
+      g = self._project(kernel + u)
+      return g, u + kernel - g, rho * self.config.admm_growth
+
+    state = (self.g[...], self.u[...], self.rho[...])
+    self.g[...], self.u[...], self.rho[...] = jax.lax.cond(
+        step % self.config.admm_every == 0, dual_step, lambda s: s, state)
 
 
 @register("none")

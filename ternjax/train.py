@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from ternjax import distributed
 from ternjax.data import Dataset
-from ternjax.layers import TernaryOperands
+from ternjax.layers import TernaryOperands, quant_penalty, quant_update
 from ternjax.runtime_numpy import sha256
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -168,10 +168,12 @@ def augment(images: jax.Array, key: jax.Array, config: TrainConfig) -> jax.Array
 
 
 def loss_fn(model, images, labels, label_smoothing: float = 0.0):
-  """Mean softmax cross-entropy (with label smoothing) in float32, and the logits."""
+  """Mean softmax cross-entropy (with label smoothing) in float32 plus the quantizers' loss
+  terms (:func:`~ternjax.layers.quant_penalty`, e.g. ADMM's), and the logits."""
   logits = model(images).astype(jnp.float32)
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean(), logits
+  loss, penalty = optax.softmax_cross_entropy(logits, targets).mean(), quant_penalty(model)
+  return (loss if penalty is None else loss + penalty), logits
 
 
 def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | None = None):
@@ -191,6 +193,7 @@ def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | N
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(model, x, y, config.label_smoothing)
     optimizer.update(model, grads)
+    quant_update(model, optimizer.step[...])  # quantizer state that is not trained (ADMM's)
     return nnx.state((model, optimizer)), (loss, jnp.sum(jnp.argmax(logits, -1) == y))
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=distributed.sharding(mesh))

@@ -1,0 +1,62 @@
+"""experiments/compare_methods.py and sweep.py: smoke runs write their files; bad input."""
+
+import csv
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+  return importlib.import_module("compare_methods"), importlib.import_module("sweep")
+
+
+def test_sweep_then_compare_smoke(scripts, tmp_path):
+  compare, sweep = scripts
+  tiny = ["--limit", "128", "--epochs", "1", "--task", "lenet5-mnist"]
+  found = sweep.main([*tiny, "--methods", "admm", "--trials", "2", "--batch-sizes", "32",
+                      "--parallel", "2", "--work", str(tmp_path / "sw"),
+                      "--out", str(tmp_path / "sweep")])
+  saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+  assert saved == json.loads(json.dumps(found))
+  assert [t["state"] for t in saved["trials"]["admm"]] == ["COMPLETE", "COMPLETE"]
+  best = saved["best"]["admm"]
+  assert best["batch_size"] == 32 and {"admm_rho", "admm_rho_end"} <= best["quant"].keys()
+  assert 0 < best["validation_accuracy"] <= 1
+
+  out = tmp_path / "compare"
+  result = compare.main([*tiny, "--methods", "fp", "admm", "--seeds", "0",
+                         "--best", str(tmp_path / "sweep" / "sweep.json"),
+                         "--work", str(tmp_path / "runs"), "--out", str(out)])
+  assert sorted(p.name for p in out.iterdir()) == [
+      "accuracy_over_epochs.png", "accuracy_vs_size.png", "results.csv", "results.json",
+      "results.md"]
+  rows = list(csv.DictReader((out / "results.csv").open()))
+  assert [(r["method"], r["status"]) for r in rows] == [("fp", "done"), ("admm", "done")]
+  admm = next(r for r in rows if r["method"] == "admm")
+  assert json.loads(admm["quant"]) == best["quant"] and float(admm["lr"]) == best["lr"]
+  assert admm["size_source"] == "export on disk"
+  assert int(admm["deployed_bytes"]) * 8 < int(rows[0]["deployed_bytes"])  # ternary export
+  assert (tmp_path / "runs" / "admm-s0" / "export" / "metadata").exists()
+  table = (out / "results.md").read_text()
+  assert "| admm |" in table and "±" in table and "within 0.2 of FP" in table
+  assert set(result["stats"]) == {"fp", "admm"}
+
+
+@pytest.mark.parametrize("script,argv,words", [
+    ("compare_methods.py", ["--best", "missing.json"], "--best missing.json"),
+    ("compare_methods.py", ["--parallel", "0"], "must be positive"),
+    ("compare_methods.py", ["--methods", "sign"], "invalid choice"),
+    ("sweep.py", ["--trials", "0"], "--trials must be positive"),
+])
+def test_bad_arguments_one_line_exit_2(script, argv, words, tmp_path):
+  proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *argv],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
