@@ -2,12 +2,13 @@
 
 Makes the "ternary layers need no multiplications" claim checkable: it traces the jaxpr of an
 export's inference function (:meth:`ternjax.export.Inference.jaxpr`), attributes every equation
-to a layer through the layer's ``jax.named_scope``, and counts equations and element operations
-per primitive class (and, or, popcount, add/sub, mul, div, dot_general, conv) and dtype. A
-ternary layer with integer inputs (ternary or int8 activations) passes when it runs no float
-dot or convolution and at most 3 float multiplies per output element (the per-channel weight
-scales ``αp``/``αn`` and the activation scale in the epilogue); anything more is a violation.
-Ternary layers with float inputs (W2A32) and float layers are reported, not judged.
+to a node of the export's graph through the node's ``jax.named_scope``, and counts equations
+and element operations per primitive class (and, or, popcount, add/sub, mul, div, dot_general,
+conv) and dtype. A ternary layer with integer inputs (ternary or int8 activations) passes when
+it runs no float dot or convolution and at most 3 float multiplies per output element (the
+per-channel weight scales ``αp``/``αn`` and the activation scale in the epilogue); anything
+more is a violation. Ternary layers with float inputs (W2A32) are reported, not judged; float
+segments (the model's float code, serialized StableHLO: one ``call_exported`` each) are listed.
 
 Usage::
 
@@ -31,73 +32,41 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
 
 from ternjax import export as ex
+from ternjax import tracing
 
 CLASSES = {"and": "and", "or": "or", "xor": "xor", "not": "not", "population_count": "popcount",
            "add": "add/sub", "sub": "add/sub", "add_any": "add/sub", "reduce_sum": "add/sub",
            "mul": "mul", "div": "div", "dot_general": "dot_general",
            "conv_general_dilated": "conv", "pallas_call": "kernel",
-           "triton_kernel_call": "kernel"}
+           "triton_kernel_call": "kernel", "call_exported": "segment"}
 MULS_PER_OUTPUT = 3  # epilogue: acc·αp − acc_neg·αn, times the activation scale
 SCALAR_SLACK = 16    # scalar float multiplies (e.g. threshold·scale of the input quantizer)
-_SCOPE = re.compile(r"layer(\d+)_")
+_SCOPE = re.compile(r"node(\d+)_")
 
 
 def _operations(eqn) -> int:
   """Element operations of an equation: outputs, or multiply-adds for contractions."""
-  out = math.prod(eqn.outvars[0].aval.shape)
-  name = eqn.primitive.name
-  if name == "reduce_sum":
+  if eqn.primitive.name == "reduce_sum":
     return math.prod(eqn.invars[0].aval.shape)
-  if name == "dot_general":
-    (contract, _), _ = eqn.params["dimension_numbers"]
-    return out * math.prod(eqn.invars[0].aval.shape[d] for d in contract)
-  if name == "conv_general_dilated":
-    rhs = eqn.invars[1].aval.shape
-    return out * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-  return out
-
-
-def _sub_jaxprs(eqn):
-  for value in eqn.params.values():
-    for v in value if isinstance(value, (list, tuple)) else (value,):
-      if isinstance(v, jcore.ClosedJaxpr):
-        yield v.jaxpr
-      elif isinstance(v, jcore.Jaxpr):
-        yield v
-
-
-def _walk(jaxpr, scope: str, visit, times: int = 1) -> None:
-  """Visits ``(eqn, scope, times)`` for every equation; a scan body's run ``length`` times."""
-  for eqn in jaxpr.eqns:
-    where = f"{scope}/{eqn.source_info.name_stack}"
-    subs = list(_sub_jaxprs(eqn))
-    if eqn.primitive.name in CLASSES or not subs:
-      visit(eqn, where, times)
-    if eqn.primitive.name not in CLASSES:
-      repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-      for sub in subs:
-        _walk(sub, where, visit, times * repeat)
+  return tracing.contraction_macs(eqn) or math.prod(eqn.outvars[0].aval.shape) \
+      if eqn.outvars else 0
 
 
 def _output_sizes(inference: ex.Inference, batch: int) -> list[int]:
+  sizes = {}
   x = jax.ShapeDtypeStruct((batch, *inference.metadata["input_shape"]), jnp.float32)
-  sizes = []
-  for i, spec in enumerate(inference.metadata["layers"]):
-    fn = ex.LAYERS[spec["kind"]]
-    x = jax.eval_shape(lambda p, x: fn(spec, p, x, inference.implementation),
-                       inference.params.get(str(i), {}), x)
-    sizes.append(math.prod(x.shape))
-  return sizes
+  record = lambda i, outs: sizes.setdefault(i, sum(math.prod(o.shape) for o in outs))
+  jax.eval_shape(lambda p, x: inference.function(p, x, record=record), inference.params, x)
+  return [sizes[i] for i in range(len(sizes))]
 
 
-def verdict(spec: dict, row: dict) -> str:
-  """'ok', 'violation: ...', or why the layer is not judged."""
-  if not spec["kind"].startswith("ternary"):
-    return "float layer" if spec["kind"] in ("linear", "conv", "affine") else "-"
-  if spec["activations"] == "none":
+def verdict(layer: dict | None, row: dict) -> str:
+  """'ok', 'violation: ...', or why the node is not judged."""
+  if layer is None:
+    return "float segment"
+  if layer["activations"] == "none":
     return "not judged: float inputs (W2A32 contracts floats with ±1/0)"
   float_ops = lambda cls: sum(n["ops"] for d, n in row["ops"].get(cls, {}).items()
                               if d.startswith(("float", "bfloat")))
@@ -110,12 +79,16 @@ def verdict(spec: dict, row: dict) -> str:
 
 def census(inference: ex.Inference, batch: int = 8) -> list[dict]:
   """Per layer: kind, method, outputs, and ``ops[class][dtype] = {eqns, ops}``; plus verdicts."""
-  layers = inference.metadata["layers"]
-  rows = [dict(layer=i, kind=s["kind"], weights=s.get("weights", "-"),
-               activations=s.get("activations", "-"), outputs=n,
-               ops=collections.defaultdict(lambda: collections.defaultdict(
+  by_name = {l["name"]: l for l in inference.metadata["layers"]}
+  layers = [by_name[n["spec"]["name"]] if n["op"] == "ternary" else None
+            for n in inference.metadata["graph"]["nodes"]]
+  rows = [dict(layer=i, kind=ex.node_scope(i, node).split("_", 1)[1],
+               name=node["spec"]["name"] if node["op"] == "ternary" else "",
+               weights=l["weights"] if l else "-", activations=l["activations"] if l else "-",
+               outputs=n, ops=collections.defaultdict(lambda: collections.defaultdict(
                    lambda: dict(eqns=0, ops=0))))
-          for i, (s, n) in enumerate(zip(layers, _output_sizes(inference, batch)))]
+          for i, (node, l, n) in enumerate(zip(inference.metadata["graph"]["nodes"], layers,
+                                               _output_sizes(inference, batch)))]
   unattributed = collections.Counter()
 
   def visit(eqn, where, times):
@@ -131,10 +104,10 @@ def census(inference: ex.Inference, batch: int = 8) -> list[dict]:
     entry["eqns"] += times
     entry["ops"] += times * _operations(eqn)
 
-  _walk(inference.jaxpr(batch).jaxpr, "", visit)
-  for spec, row in zip(layers, rows):
+  tracing.walk(inference.jaxpr(batch).jaxpr, visit, stop=lambda e: e.primitive.name in CLASSES)
+  for layer, row in zip(layers, rows):
     row["ops"] = {c: dict(d) for c, d in row["ops"].items()}
-    row["verdict"] = verdict(spec, row)
+    row["verdict"] = verdict(layer, row)
   if unattributed:
     rows.append(dict(layer=None, kind="outside layers", ops=dict(unattributed), verdict="-"))
   return rows
@@ -147,7 +120,7 @@ def violations(rows: list[dict]) -> list[dict]:
 def table(name: str, rows: list[dict]) -> str:
   """A fixed-width table: one row per layer and primitive class, ops by dtype."""
   lines = [f"## {name}", "",
-           "| layer | kind | weights/act | class | dtype: eqns × ops | verdict |",
+           "| node | kind | weights/act | class | dtype: eqns × ops | verdict |",
            "|---|---|---|---|---|---|"]
   for r in rows:
     if r["layer"] is None:
@@ -156,8 +129,8 @@ def table(name: str, rows: list[dict]) -> str:
     first = True
     for cls, by_dtype in sorted(r["ops"].items()) or [("-", {})]:
       cells = ", ".join(f"{d}: {v['eqns']}×{v['ops']:,}" for d, v in sorted(by_dtype.items()))
-      head = (f"{r['layer']} | {r['kind']} | {r['weights']}/{r['activations']}" if first
-              else " | | ")
+      head = (f"{r['layer']} | {r['kind']} {r['name']} | {r['weights']}/{r['activations']}"
+              if first else " | | ")
       lines.append(f"| {head} | {cls} | {cells} | {r['verdict'] if first else ''} |")
       first = False
   return "\n".join(lines)
@@ -201,17 +174,18 @@ def main(argv=None) -> int:
                           batch=args.batch)
       texts.append(table(name, rows))
   size_lines = ["## Size", "", "| model | ternary weights | codes B | scales B | biases B | "
-                "float layers B | arrays B | disk B | float32 B | bits/w codes | "
-                "bits/w +scales | bits/w +scales+biases | x smaller (disk) |",
-                "|---|" + "---|" * 12]
+                "float arrays B | arrays B | Orbax disk B | ONNX file B | float32 B | "
+                "bits/w codes | bits/w +scales | bits/w +scales+biases | ONNX bits/w +scales |",
+                "|---|" + "---|" * 13]
   for name, r in report.items():
     s = r["size"]
     size_lines.append(
-        f"| {name} | {s['ternary_weights']:,} | {s['code_bytes']:,} | {s['scale_bytes']:,} | "
-        f"{s['bias_bytes']:,} | {s['float_layer_bytes']:,} | {s['array_bytes']:,} | "
-        f"{s['disk_bytes']:,} | {s['float32_bytes']:,} | {s['bits_codes']:.3f} | "
-        f"{s['bits_with_scales']:.3f} | {s['bits_with_scales_biases']:.3f} | "
-        f"{s['float32_bytes'] / s['disk_bytes']:.1f} |")
+        f"| {name} | {s['ternary_weights']:,} | {s['codes_bytes']:,} | {s['scales_bytes']:,} | "
+        f"{s['bias_bytes']:,} | {s['float_bytes']:,} | {s['array_bytes']:,} | "
+        f"{s['orbax_bytes']:,} | {s.get('onnx_bytes', 0):,} | {s['float32_bytes']:,} | "
+        f"{s['bits_codes']:.3f} | {s['bits_with_scales']:.3f} | "
+        f"{s['bits_with_scales_biases']:.3f} | "
+        f"{s.get('onnx_bits_with_scales', float('nan')):.3f} |")
   text = "\n\n".join(texts + ["\n".join(size_lines)])
   print(text)
   out = Path(args.out)

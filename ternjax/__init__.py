@@ -8,13 +8,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("convert", "data", "distributed", "export", "layers", "models", "ops", "packing",
-               "predict", "quantizers", "report", "runtime_numpy", "train")
+_SUBMODULES = ("convert", "data", "distributed", "export", "layers", "model_summary", "models",
+               "ops", "packing", "predict", "quantizers", "report", "runtime_numpy", "tracing",
+               "train")
 _NAMES = {
     "ternjax.convert": ("Rule", "ternarize"),
-    "ternjax.layers": ("QuantConfig", "Summary", "TernaryConv", "TernaryConvGeneral",
-                       "TernaryDotGeneral", "TernaryLinear", "TernaryOperands", "summary"),
+    "ternjax.layers": ("QuantConfig", "TernaryConv", "TernaryConvGeneral", "TernaryDotGeneral",
+                       "TernaryLinear", "TernaryOperands"),
     "ternjax.ops": ("ternary_conv", "ternary_matmul"),
+    "ternjax.model_summary": ("LayerSummary", "Summary", "summary"),
     "ternjax.packing": ("Bitplanes", "pack_bitplanes", "pack_codes", "unpack_bitplanes",
                         "unpack_codes"),
 }

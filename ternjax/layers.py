@@ -12,11 +12,8 @@ quantizes the kernel and the inputs before contracting, with the quantizer objec
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -257,100 +254,3 @@ class TernaryConv(nnx.Conv):
   @property
   def quant(self) -> TernaryOperands:
     return self.conv_general_dilated
-
-
-# --------------------------------------------------------------------------------------------
-# Summary
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSummary:
-  name: str
-  kind: str
-  params: int
-  bits_per_weight: int
-  float_bytes: int
-  packed_bytes: int
-  sparsity: float | None
-  scales: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-  """Per-layer table of a model: what :func:`summary` returns; ``str()`` renders it."""
-
-  layers: tuple[LayerSummary, ...]
-
-  @property
-  def params(self) -> int:
-    return sum(l.params for l in self.layers)
-
-  @property
-  def float_bytes(self) -> int:
-    return sum(l.float_bytes for l in self.layers)
-
-  @property
-  def packed_bytes(self) -> int:
-    return sum(l.packed_bytes for l in self.layers)
-
-  def __str__(self) -> str:
-    head = ("layer", "type", "params", "bits/w", "float32 B", "packed B", "sparsity", "scales")
-    rows = [head] + [
-        (l.name, l.kind, f"{l.params:,}", str(l.bits_per_weight), f"{l.float_bytes:,}",
-         f"{l.packed_bytes:,}", "-" if l.sparsity is None else f"{l.sparsity:.1%}", l.scales)
-        for l in self.layers]
-    ratio = self.float_bytes / max(self.packed_bytes, 1)
-    rows.append(("total", "", f"{self.params:,}", "", f"{self.float_bytes:,}",
-                 f"{self.packed_bytes:,}", "", f"{ratio:.1f}x smaller"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 or i == 7 else c.rjust(w)
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    rule = "-" * len(fmt(rows[0]))
-    return "\n".join([fmt(rows[0]), rule, *map(fmt, rows[1:-1]), rule, fmt(rows[-1])])
-
-
-def _scale_text(values: dict[str, jax.Array]) -> str:
-  return " ".join(f"{k} {float(jnp.mean(v)):.3g}" + (f"±{float(jnp.std(v)):.2g}" if v.size > 1
-                                                     else "") for k, v in values.items())
-
-
-def _layer_summary(name: str, module: nnx.Module) -> LayerSummary | None:
-  params = jax.tree.leaves(nnx.state(module, nnx.Param))
-  if not params:
-    return None
-  count = sum(int(np.prod(v.shape)) for v in params)
-  float_bytes = 4 * count
-  kind = type(module).__name__
-  quant = getattr(module, "quant", None)
-  if isinstance(quant, TernaryOperands) and quant.config.ternary_weights:
-    kernel = module.kernel[...]
-    t, sp, sn = quant.weight_codes(kernel)
-    scales = {"α": sp} if sn is None else {"αp": sp, "αn": sn}
-    if quant.config.activations == "ternary":
-      scales["s_act"] = quant.act_scale[...]
-    # 2-bit codes along the contraction axis, float32 for the other params (bias, learned
-    # scales) and for the per-channel scale that TWN / stochastic derive from the kernel.
-    n = kernel.shape[-1]
-    derived = 0 if sn is not None else n
-    packed = -(-math.prod(kernel.shape[:-1]) // 4) * n + 4 * (count - kernel.size + derived)
-    return LayerSummary(name, kind, count, 2, float_bytes, packed,
-                        float(jnp.mean(t == 0)), _scale_text(scales))
-  if isinstance(module, (nnx.Linear, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm, nnx.Embed)):
-    return LayerSummary(name, kind, count, 32, float_bytes, float_bytes, None, "")
-  return None
-
-
-def summary(model: nnx.Module) -> Summary:
-  """Per-layer parameter count, bits per weight, float vs packed bytes, sparsity and scales.
-
-  Packed bytes count ternary kernels as 2-bit codes plus float32 scales and biases; float
-  layers stay float32. Like Larq's model summary: ``print(summary(model))``.
-  """
-  rows = []
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, TernaryOperands):
-      continue
-    row = _layer_summary(".".join(map(str, path)) or type(model).__name__, module)
-    if row is not None:
-      rows.append(row)
-  return Summary(tuple(rows))

@@ -25,9 +25,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 WORD_BITS = 32
 CODES_PER_BYTE = 4
+# Bit offsets of the codes in a byte, a constant (not an iota: ONNX converters turn that into a
+# uint8 Range, which onnxruntime does not implement).
+_CODE_SHIFTS = np.arange(0, 2 * CODES_PER_BYTE, 2, dtype=np.uint8)
 
 
 @jax.tree_util.register_dataclass
@@ -100,7 +104,7 @@ def unpack_codes(packed: jax.Array, length: int, axis: int = -1, dtype=jnp.int8)
   """Inverse of :func:`pack_codes`; ``length`` is the unpadded size of ``axis``."""
   axis = axis % packed.ndim
   packed = jnp.moveaxis(packed, axis, -1)
-  codes = (packed[..., None] >> jnp.arange(0, 2 * CODES_PER_BYTE, 2, dtype=jnp.uint8)) & 3
+  codes = (packed[..., None] >> _CODE_SHIFTS) & 3
   codes = codes.reshape(*packed.shape[:-1], -1)[..., :length]
   t = (codes == 1).astype(dtype) - (codes == 2).astype(dtype)
   return jnp.moveaxis(t, -1, axis)

@@ -1,11 +1,17 @@
-"""``ternjax-predict``: runs an export on a dataset split, prints accuracy and throughput.
+"""``ternjax-predict``: runs an export on image files, or on a dataset split (accuracy, speed).
 
-    ternjax-predict EXPORT_DIR [--dataset mnist] [--split test] [--runtime jax|numpy]
+    ternjax-predict EXPORT_DIR [IMAGE ...] [--runtime jax|numpy|onnxruntime]
+    ternjax-predict EXPORT_DIR [--dataset mnist] [--split test]
 
-Images are read with :mod:`ternjax.data` (``--data-dir``, else ``$TERNJAX_DATA``, else
-``~/.cache/ternjax``) and divided by the export's ``input_divisor``. Throughput counts the
-batches after the first (which includes JIT compilation) and is wall-clock time of this process
-on its device. Errors (a bad export, missing data) are one line on stderr, exit status 2.
+Image files (PNG, JPEG, ...: anything Pillow reads; ``pip install 'ternjax[images]'``) are
+converted to the export's channels (grayscale or RGB) and must have its height and width; each
+gets its predicted class. Without image files, a dataset split is read with
+:mod:`ternjax.data` (``--data-dir``, else ``$TERNJAX_DATA``, else ``~/.cache/ternjax``) and the
+accuracy and throughput are printed. Pixels are divided by the export's ``input_divisor``.
+Throughput counts the batches after the first (which includes JIT compilation) and is
+wall-clock time of this process on its device. Runtimes: ``jax`` (:func:`ternjax.export.load`),
+``numpy`` (the ONNX graph on ONNX's NumPy reference evaluator, no JAX) and ``onnxruntime``.
+Errors (a bad export, image or data) are one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -45,15 +51,59 @@ def run(net, images: np.ndarray, labels: np.ndarray, divisor: float, batch_size:
               batches_timed=len(timed))
 
 
+def read_images(paths, input_shape) -> np.ndarray:
+  """Image files as a uint8 batch of ``input_shape`` (H, W, C with C 1 or 3); ``ValueError``
+  for a file of another size, ``OSError`` for one Pillow cannot read."""
+  try:
+    from PIL import Image
+  except ImportError:
+    raise ValueError("image files need Pillow: pip install 'ternjax[images]'") from None
+  h, w, c = input_shape if len(input_shape) == 3 else (None, None, None)
+  if c not in (1, 3):
+    raise ValueError(f"this export takes {list(input_shape)} inputs, not images (H, W, 1 or 3)")
+  images = []
+  for path in paths:
+    with Image.open(path) as image:
+      if image.size != (w, h):
+        raise ValueError(f"{path} is {image.size[0]}×{image.size[1]} pixels, the export takes "
+                         f"{w}×{h}; resize it first")
+      images.append(np.asarray(image.convert("L" if c == 1 else "RGB"), np.uint8))
+  return np.stack(images).reshape(len(images), h, w, c)
+
+
+def _load(args):
+  from ternjax import runtime_numpy
+  if args.runtime != "jax":
+    net = runtime_numpy.load(args.export, model=args.model,
+                             engine="numpy" if args.runtime == "numpy" else "onnxruntime")
+    return net, "cpu"
+  import jax
+
+  from ternjax import export
+  net = export.load(args.export, model=args.model, implementation=args.implementation)
+  return net, f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+
+
+def _classify(net, paths, meta) -> list[dict]:
+  images = read_images(paths, meta["input_shape"])
+  logits = np.asarray(net(images.astype(np.float32) / np.float32(meta["input_divisor"])),
+                      np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return [dict(file=str(path), class_index=int(p.argmax()), label=meta["classes"][p.argmax()],
+               probability=float(p.max())) for path, p in zip(paths, probs)]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="ternjax-predict", description=__doc__.splitlines()[0])
   p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
   p.add_argument("export", help="export directory (ternjax.export)")
+  p.add_argument("images", nargs="*", help="image files to classify (else a dataset split)")
   p.add_argument("--dataset", help="mnist, fashion_mnist, cifar10 (default: the export's)")
   p.add_argument("--split", choices=("test", "train"), default="test")
   p.add_argument("--source", choices=("files", "tfds"), default="files")
   p.add_argument("--data-dir", help="data root (else $TERNJAX_DATA, else ~/.cache/ternjax)")
-  p.add_argument("--runtime", choices=("jax", "numpy"), default="jax")
+  p.add_argument("--runtime", choices=("jax", "numpy", "onnxruntime"), default="jax")
   p.add_argument("--implementation", help="ternary op implementation(s) for the jax runtime")
   p.add_argument("--model", help="refuse the export unless it holds this model")
   p.add_argument("--batch-size", type=int, default=1000)
@@ -66,28 +116,26 @@ def main(argv=None) -> int:
   from ternjax import data as tjdata
   from ternjax import runtime_numpy
   try:
-    if args.runtime == "numpy":
-      net = runtime_numpy.load(args.export, model=args.model)
-      meta, device = net.metadata, "cpu"
-    else:
-      import jax
-
-      from ternjax import export
-      net = export.load(args.export, model=args.model, implementation=args.implementation)
-      meta, device = net.metadata, f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+    net, device = _load(args)
+    meta = net.metadata
+    if args.images:
+      results = _classify(net, args.images, meta)
+      for r in results if not args.json else ():
+        print(f"{r['file']}: {r['label']} (probability {r['probability']:.3f})")
+      if args.json:
+        print(json.dumps(results, indent=1))
+      return 0
     name = args.dataset or meta["extra"].get("dataset", "mnist")
     data = tjdata.load(name, source=args.source, data_dir=args.data_dir)
-  except (runtime_numpy.ExportError, tjdata.DataError, ValueError) as err:
-    p.error(str(err))
-  images, labels = (data.x_test, data.y_test) if args.split == "test" else \
-      (data.x_train, data.y_train)
-  if tuple(images.shape[1:]) != tuple(meta["input_shape"]):
-    p.error(f"{name} images are {images.shape[1:]}, the export takes {meta['input_shape']}")
-  images, labels = images[:args.limit], labels[:args.limit]
-  try:
+    images, labels = (data.x_test, data.y_test) if args.split == "test" else \
+        (data.x_train, data.y_train)
+    if tuple(images.shape[1:]) != tuple(meta["input_shape"]):
+      p.error(f"{name} images are {images.shape[1:]}, the export takes {meta['input_shape']}")
+    images, labels = images[:args.limit], labels[:args.limit]
     result = run(net, images, labels, meta["input_divisor"], args.batch_size)
-  except (ValueError, NotImplementedError) as err:  # e.g. an unknown --implementation
-    p.error(str(err).splitlines()[0])
+  except (runtime_numpy.ExportError, tjdata.DataError, ValueError, OSError,
+          NotImplementedError) as err:  # one line: a bad export, image, data or option
+    p.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
   result.update(model=meta["model"], method=meta["method"], dataset=name, split=args.split,
                 runtime=args.runtime, device=device, batch_size=args.batch_size)
   if args.json:

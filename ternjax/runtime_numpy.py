@@ -1,20 +1,24 @@
-"""NumPy runtime for ternjax exports: reads an export and runs it without importing JAX.
+"""Runtimes without JAX: an export's ``model.onnx`` on ONNX's NumPy reference evaluator (or on
+onnxruntime), and the checks every runtime shares.
 
-The export (see :mod:`ternjax.export`) is an Orbax checkpoint; this module reads its metadata
-JSON directly and its arrays with TensorStore (Orbax's storage library, which does not need
-JAX), then runs the layers in NumPy. Ternary layers with integer inputs accumulate exact integer
-sums (a float64 matmul of small integers is exact below 2^53) and apply the scales in float32
-in the same order as :func:`ternjax.ops.epilogue`, so predictions equal the JAX runtime's.
+The export (see :mod:`ternjax.export`) holds the model as ONNX next to its JAX form: ternary
+layers as 2-bit codes (uint8 initializers) unpacked by the graph itself, integer codes
+contracted by an exact float32 MatMul, scales after. :func:`load` runs it with
+``onnx.reference.ReferenceEvaluator`` (NumPy only; ``engine='numpy'``) or onnxruntime
+(``engine='onnxruntime'``):
 
 >>> net = load("exports/mnist-lenet5")             # doctest: +SKIP
 >>> logits = net(images)                           # doctest: +SKIP
 
-It needs NumPy, TensorStore and the standard library only: ``from ternjax import
-runtime_numpy`` imports no JAX (the package imports its other modules lazily), and the file can
-also be copied next to an application on its own.
+``from ternjax import runtime_numpy`` imports no JAX (the package imports its other modules
+lazily). The reference evaluator's pooling loops over every output in Python; this module
+gives it vectorized MaxPool / AveragePool for the attributes it uses (ONNX's own code for the
+rest).
 
-This module is also where the format is checked (version, architecture, checksums): the JAX
-loader reuses those checks, so both runtimes accept and refuse the same exports.
+This module is also where the format is checked (``checksums.json`` over every file, version,
+architecture) and inputs are checked (shape and dtype against the export's, finite values, an
+empty batch gives an empty result): the JAX loader reuses these checks, so every runtime
+accepts and refuses the same exports and inputs.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
-ARRAYS_ITEM = "arrays"        # Orbax item holding the arrays (PyTree of NumPy arrays)
-METADATA_ITEM = "metadata"    # Orbax item holding the metadata (JSON)
-LAYER_KINDS = ("ternary_linear", "ternary_conv", "linear", "conv", "affine", "relu",
-               "max_pool", "flatten")
+FORMAT_VERSION = 2
+ARRAYS_ITEM = "arrays"          # Orbax item holding the arrays (PyTree of NumPy arrays)
+METADATA_ITEM = "metadata"      # Orbax item holding the metadata (JSON)
+METADATA_FILE = f"{METADATA_ITEM}/metadata"
+CHECKSUMS_FILE = "checksums.json"
+ONNX_FILE = "model.onnx"
+ENGINES = ("numpy", "onnxruntime")
 
 
 class ExportError(Exception):
@@ -37,44 +43,93 @@ class ExportError(Exception):
 
 
 def sha256(array: np.ndarray) -> str:
-  """Checksum of an array's bytes (C order): the export records one per array."""
+  """Checksum of an array's bytes (C order): the metadata records one per array."""
   return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def read_metadata(directory, model: str | None = None) -> dict:
-  """The export's metadata, checked: format version, layer kinds and, if given, the model name."""
+def _file_sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_checksums(directory) -> None:
+  """Writes ``checksums.json``: the SHA-256 of every other file of the export."""
   directory = Path(directory)
-  path = directory / METADATA_ITEM / "metadata"
+  files = {str(f.relative_to(directory)): _file_sha256(f) for f in sorted(directory.rglob("*"))
+           if f.is_file() and f.name != CHECKSUMS_FILE}
+  (directory / CHECKSUMS_FILE).write_text(json.dumps(
+      dict(format_version=FORMAT_VERSION, files=files), indent=1))
+
+
+def _old_format(directory: Path) -> ExportError:
+  try:
+    version = json.loads((directory / METADATA_FILE).read_text())["format_version"]
+  except (OSError, ValueError, KeyError, TypeError):
+    version = None
+  if version in (None, FORMAT_VERSION):
+    return ExportError(f"{directory}: not a ternjax export or corrupted: no {CHECKSUMS_FILE}")
+  return ExportError(f"{directory}: export format version {version!r}, this ternjax reads "
+                     f"version {FORMAT_VERSION}; export the model again")
+
+
+def verify(directory, model: str | None = None) -> dict:
+  """Checks every file against ``checksums.json``, then returns the metadata, checked.
+
+  Refuses (:class:`ExportError`, one line naming the file) a missing, truncated, damaged or
+  edited file (the metadata included), an unlisted file among the export's own, another format
+  version, and, if ``model`` is given, another model.
+  """
+  directory = Path(directory)
   if not directory.is_dir():
     raise ExportError(f"{directory}: no such export directory")
+  if not (directory / CHECKSUMS_FILE).exists():
+    raise _old_format(directory)
   try:
-    meta = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-    raise ExportError(f"{directory}: not a ternjax export or corrupted: cannot read {path.name} "
-                      f"({type(err).__name__})") from None
-  if not isinstance(meta, dict) or "format_version" not in meta:
-    raise ExportError(f"{directory}: not a ternjax export (no format_version in its metadata)")
-  if meta["format_version"] != FORMAT_VERSION:
-    raise ExportError(f"{directory}: export format version {meta['format_version']!r}, this "
-                      f"ternjax reads version {FORMAT_VERSION}; export the model again")
+    sums = json.loads((directory / CHECKSUMS_FILE).read_text())
+    files = dict(sums["files"])
+  except (OSError, ValueError, KeyError, TypeError):
+    raise ExportError(f"{directory}: corrupted export: cannot read {CHECKSUMS_FILE}") from None
+  if sums.get("format_version") != FORMAT_VERSION:
+    raise _old_format(directory)
+  own = [f for top in (ARRAYS_ITEM, METADATA_ITEM, "graph") for f in (directory / top).rglob("*")
+         if f.is_file()] + [f for f in (directory / ONNX_FILE,) if f.exists()]
+  unlisted = sorted(str(f.relative_to(directory)) for f in own
+                    if str(f.relative_to(directory)) not in files)
+  if METADATA_FILE not in files or unlisted:
+    raise ExportError(f"{directory}: corrupted export: {(unlisted or [METADATA_FILE])[0]} is not "
+                      f"covered by {CHECKSUMS_FILE}")
+  for name, digest in sorted(files.items()):
+    path = directory / name
+    if not path.is_file():
+      raise ExportError(f"{directory}: corrupted export: {name} is missing")
+    if _file_sha256(path) != digest:
+      raise ExportError(f"{directory}: corrupted export: {name} does not match its checksum "
+                        "(truncated, damaged or edited)")
+  meta = json.loads((directory / METADATA_FILE).read_text())
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise _old_format(directory)
   if model is not None and meta.get("model") != model:
     raise ExportError(f"{directory}: holds model {meta.get('model')!r}, "
                       f"not the requested {model!r}")
-  layers = meta.get("layers")
-  if not isinstance(layers, list) or any(l.get("kind") not in LAYER_KINDS for l in layers):
-    raise ExportError(f"{directory}: corrupted metadata (unknown layer kinds)")
+  missing = [f for f in meta["graph"]["segments"] + ([meta["onnx"]["file"]] if meta["onnx"]
+                                                      else []) if f not in files]
+  if missing:
+    raise ExportError(f"{directory}: corrupted export: {missing[0]} is not covered by "
+                      f"{CHECKSUMS_FILE}")
   return meta
 
 
 def check_arrays(arrays: dict, meta: dict, directory) -> None:
   """Raises :class:`ExportError` unless ``arrays`` are exactly those the metadata records."""
-  for i, spec in enumerate(meta["layers"]):
-    for name, info in spec.get("arrays", {}).items():
-      a = arrays.get(str(i), {}).get(name)
-      if a is None or list(a.shape) != info["shape"] or str(a.dtype) != info["dtype"] or \
-          sha256(a) != info["sha256"]:
-        raise ExportError(f"{directory}: corrupted export: array {i}.{name} does not match its "
-                          f"recorded shape, dtype or checksum")
+  for name, info in meta["arrays"].items():
+    a = arrays.get(name)
+    if a is None or list(a.shape) != info["shape"] or str(a.dtype) != info["dtype"] or \
+        sha256(a) != info["sha256"]:
+      raise ExportError(f"{directory}: corrupted export: array {name} does not match its "
+                        f"recorded shape, dtype or checksum")
 
 
 def unreadable_arrays(directory, err: Exception) -> ExportError:
@@ -84,140 +139,129 @@ def unreadable_arrays(directory, err: Exception) -> ExportError:
                      f"({type(err).__name__}: {first})")
 
 
-def read_arrays(directory, meta: dict) -> dict[str, dict[str, np.ndarray]]:
-  """Reads the export's arrays with TensorStore (no JAX), checked against the metadata."""
-  import tensorstore as ts
-  directory = Path(directory).absolute()
-  base = directory / ARRAYS_ITEM
-  try:
-    zarr3 = json.loads((base / "_METADATA").read_text()).get("use_zarr3", False)
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    for i, spec in enumerate(meta["layers"]):
-      for name in spec.get("arrays", {}):
-        store = ts.open({"driver": "zarr3" if zarr3 else "zarr",
-                         "kvstore": {"driver": "ocdbt", "base": f"file://{base}/",
-                                     "path": f"{i}.{name}"}}, open=True, read=True).result()
-        arrays.setdefault(str(i), {})[name] = np.asarray(store.read().result())
-  except (OSError, ValueError, json.JSONDecodeError) as err:
-    raise unreadable_arrays(directory, err) from None
-  check_arrays(arrays, meta, directory)
-  return arrays
+def check_images(images, meta: dict) -> None:
+  """Raises ``ValueError`` unless ``images`` are a batch of the export's input shape, floats."""
+  shape, expected = tuple(np.shape(images)), tuple(meta["input_shape"])
+  if len(shape) != len(expected) + 1 or shape[1:] != expected:
+    raise ValueError(f"images of shape {shape}; this export takes a batch of "
+                     f"{'×'.join(map(str, expected))} images, (N, {', '.join(map(str, expected))})")
+  dtype = np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
+  if dtype.kind != "f" and dtype.name != "bfloat16":
+    raise ValueError(f"images of dtype {dtype}; this export takes floating-point images "
+                     f"(uint8 pixels / {meta['input_divisor']:g})")
 
 
 # --------------------------------------------------------------------------------------------
-# Layers
+# Vectorized pooling for the reference evaluator
 
 
-def unpack_codes(packed: np.ndarray, length: int) -> np.ndarray:
-  """2-bit codes packed along axis 0 (:func:`ternjax.packing.pack_codes`) as int8 trits."""
-  codes = (packed[:, None] >> np.arange(0, 8, 2, dtype=np.uint8)[:, None]) & 3
-  codes = codes.reshape(-1, *packed.shape[1:])[:length]
-  return (codes == 1).astype(np.int8) - (codes == 2).astype(np.int8)
+def _pool_windows(x, kernel_shape, strides=None, pads=None, auto_pad=None, ceil_mode=0,
+                  dilations=None, **unused):
+  """Sliding windows of NCHW ``x`` as ``(N, C, *out, *kernel)``, padding as NaN ("outside"),
+  or None for what this does not cover (auto_pad, ceil mode, dilations)."""
+  nd = len(kernel_shape)
+  strides, pads = list(strides or [1] * nd), list(pads or [0] * 2 * nd)
+  if ceil_mode or any(d != 1 for d in dilations or []) or auto_pad not in (None, "NOTSET"):
+    return None
+  x = np.pad(x.astype(np.float32, copy=False), [(0, 0), (0, 0)] +
+             [(pads[i], pads[i + nd]) for i in range(nd)], constant_values=np.nan)
+  v = np.lib.stride_tricks.sliding_window_view(x, kernel_shape, axis=tuple(range(2, 2 + nd)))
+  return v[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
 
 
-def _pads(size, window, strides, padding, dilation):
-  if padding == "VALID":
-    return [(0, 0)] * len(window)
-  if padding == "SAME":  # as lax.padtype_to_pads
-    pads = []
-    for n, k, s, d in zip(size, window, strides, dilation):
-      total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
-      pads.append((total // 2, total - total // 2))
-    return pads
-  return [tuple(p) for p in padding]
+def _fast_pool_ops() -> list[type]:
+  """MaxPool / AveragePool for ``ReferenceEvaluator(new_ops=...)``: NumPy window reductions
+  (the reference's loops take minutes per MNIST batch), its own code for other attributes."""
+  from onnx.reference.ops import op_average_pool, op_max_pool
+
+  def reduce(x, windows, fn):
+    axes = tuple(range(-(windows.ndim - x.ndim), 0))
+    return (fn(windows, axis=axes).astype(x.dtype),)
+
+  class MaxPool(op_max_pool.MaxPool):
+    def _run(self, x, **kw):
+      windows = _pool_windows(x, **kw) if len(self.onnx_node.output) == 1 else None
+      return super()._run(x, **kw) if windows is None else reduce(x, windows, np.nanmax)
+
+  class AveragePool(op_average_pool.AveragePool_19):
+    def _run(self, x, count_include_pad=0, **kw):
+      windows = _pool_windows(x, **kw)
+      if windows is None:
+        return super()._run(x, count_include_pad=count_include_pad, **kw)
+      if count_include_pad:
+        windows = np.nan_to_num(windows)
+      return reduce(x, windows, np.mean if count_include_pad else np.nanmean)
+
+  for cls in (MaxPool, AveragePool):
+    cls.op_domain = ""
+  return [MaxPool, AveragePool]
 
 
-def conv_patches(x, window, strides, padding, dilation):
-  """Patches of NHWC ``x`` in (C, kh, kw) order, as :func:`ternjax.ops.conv_patches`."""
-  nd = len(window)
-  pads = _pads(x.shape[1:1 + nd], window, strides, padding, dilation)
-  x = np.pad(x, [(0, 0), *pads, (0, 0)])
-  span = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
-  v = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(1, 1 + nd)))
-  v = v[(slice(None), *(slice(None, None, s) for s in strides), slice(None),
-         *(slice(None, None, d) for d in dilation))]
-  return v.reshape(*v.shape[:1 + nd], -1)
+# --------------------------------------------------------------------------------------------
+# Runtimes
 
 
-def quantize_inputs(spec, p, x):
-  """Input codes and scale as the layer's quantizer (:mod:`ternjax.quantizers`) computes them."""
-  if spec["activations"] == "ternary":
-    s = p["act_scale"]
-    threshold = np.float32(spec["act_threshold"]) * s
-    return np.where(x > threshold, 1, np.where(x < -threshold, -1, 0)).astype(np.int8), s
-  if spec["activations"] == "int8":
-    scale = np.max(np.abs(x), axis=tuple(range(1, x.ndim)), keepdims=True) / np.float32(127)
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
-  return x, None
+def _first_line(err: Exception) -> str:
+  return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
-def _contract(rows, spec, p):
-  """``rows (M, K)`` times the layer's (K, N) weights, plus scales and bias."""
-  if "codes" not in p:  # float layer
-    return rows.astype(np.float32) @ p["matrix"] + p["bias"]
-  t = p["trits"]
-  integer = np.issubdtype(rows.dtype, np.integer)
-  dot = (lambda a, b: (a.astype(np.float64) @ b).astype(np.int64)) if integer else \
-      (lambda a, b: a @ b.astype(np.float32))
-  if "scale_neg" in p:
-    out = dot(rows, t == 1).astype(np.float32) * p["scale_pos"]
-    out = out - dot(rows, t == -1).astype(np.float32) * p["scale_neg"]
-  else:
-    out = dot(rows, t).astype(np.float32) * p["scale_pos"]
-  return out + p["bias"] if p.get("x_scale") is None else out * p["x_scale"] + p["bias"]
+def _reference(path: Path, directory: Path):
+  try:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+  except ImportError:
+    raise ExportError("the NumPy runtime needs the onnx package: pip install onnx") from None
+  try:
+    evaluator = ReferenceEvaluator(onnx.load(path), new_ops=_fast_pool_ops())
+  except Exception as err:  # e.g. an operator the reference evaluator does not implement
+    raise ExportError(f"{directory}: {path.name} cannot run on onnx.reference "
+                      f"({_first_line(err)})") from err
+  return lambda x: evaluator.run(None, {"images": x})[0]
 
 
-def _dense(spec, p, x):
-  x, xs = quantize_inputs(spec, p, x)
-  if "codes" not in p and xs is not None:
-    x = xs * x.astype(np.float32)
-  conv = spec["kind"] in ("conv", "ternary_conv")
-  if conv:
-    x = conv_patches(x, spec["window"], spec["strides"], spec["padding"], spec["dilation"])
-    if xs is not None and np.ndim(xs) > 0:
-      xs = np.broadcast_to(xs.reshape(-1, *(1,) * (x.ndim - 2)), x.shape[:-1]).reshape(-1, 1)
-  rows = x.reshape(-1, x.shape[-1])
-  out = _contract(rows, spec, {**p, "x_scale": xs if "codes" in p else None})
-  return out.reshape(*x.shape[:-1], -1)
-
-
-def _max_pool(spec, x):
-  v = np.lib.stride_tricks.sliding_window_view(x, spec["window"], axis=(1, 2))
-  v = v[:, ::spec["strides"][0], ::spec["strides"][1]]
-  return v.max(axis=(-2, -1))
-
-
-LAYERS = {
-    "ternary_linear": _dense, "ternary_conv": _dense, "linear": _dense, "conv": _dense,
-    "affine": lambda spec, p, x: x * p["scale"] + p["shift"],
-    "relu": lambda spec, p, x: np.maximum(x, 0),
-    "flatten": lambda spec, p, x: x.reshape(x.shape[0], -1),
-    "max_pool": lambda spec, p, x: _max_pool(spec, x),
-}
+def _onnxruntime(path: Path, directory: Path):
+  try:
+    import onnxruntime
+  except ImportError:
+    raise ExportError("engine 'onnxruntime' needs onnxruntime: pip install onnxruntime") from None
+  try:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  except Exception as err:  # onnxruntime raises its own exception types
+    raise ExportError(f"{directory}: {path.name} cannot run on onnxruntime "
+                      f"({_first_line(err)})") from err
+  return lambda x: session.run(None, {"images": x})[0]
 
 
 class Runtime:
-  """An export loaded for NumPy inference: ``Runtime(dir)(images) -> logits`` (float32)."""
+  """An export's ONNX graph loaded without JAX: ``Runtime(dir)(images) -> logits`` (float32).
 
-  def __init__(self, directory, *, model: str | None = None):
-    self.metadata = read_metadata(directory, model)
-    self.params = read_arrays(directory, self.metadata)
-    for i, spec in enumerate(self.metadata["layers"]):
-      p = self.params.get(str(i), {})
-      if "codes" in p:  # unpacked once: int8 trits, never float weights
-        p["trits"] = unpack_codes(p["codes"], spec["rows"])
-      elif "kernel" in p:
-        k = p["kernel"]
-        p["matrix"] = np.moveaxis(k, k.ndim - 2, 0).reshape(-1, k.shape[-1])
+  Images are checked as :class:`ternjax.export.Inference` checks them: the export's input
+  shape (any batch size; an empty batch gives an empty result), floating point, finite.
+  """
 
-  def __call__(self, images: np.ndarray) -> np.ndarray:
-    x = np.asarray(images, np.float32)
-    for i, spec in enumerate(self.metadata["layers"]):
-      x = LAYERS[spec["kind"]](spec, self.params.get(str(i), {}), x)
-    return x
+  def __init__(self, directory, *, model: str | None = None, engine: str = "numpy"):
+    if engine not in ENGINES:
+      raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    directory = Path(directory)
+    self.metadata = verify(directory, model)
+    self.engine = engine
+    if not self.metadata["onnx"]:
+      raise ExportError(f"{directory}: exported without ONNX (onnx=False); the NumPy and "
+                        "onnxruntime runtimes need its model.onnx")
+    path = directory / self.metadata["onnx"]["file"]
+    self._run = (_reference if engine == "numpy" else _onnxruntime)(path, directory)
+
+  def __call__(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    check_images(images, self.metadata)
+    if len(images) == 0:
+      return np.zeros((0, len(self.metadata["classes"])), np.float32)
+    x = images.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+      raise ValueError("the images hold non-finite values (NaN or infinity)")
+    return np.asarray(self._run(x), np.float32)
 
 
-def load(directory, *, model: str | None = None) -> Runtime:
-  """Loads an export for NumPy inference (see :class:`Runtime`)."""
-  return Runtime(directory, model=model)
+def load(directory, *, model: str | None = None, engine: str = "numpy") -> Runtime:
+  """Loads an export for inference without JAX (see :class:`Runtime`)."""
+  return Runtime(directory, model=model, engine=engine)

@@ -1,8 +1,10 @@
-"""Export: round trips (JAX and NumPy runtimes), BatchNorm folding, census, refusals, CLI."""
+"""Export: any model, every runtime (JAX, onnxruntime, NumPy), BatchNorm folding, census,
+integrity checks, input checks, refusals, CLI."""
 
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,16 +17,19 @@ from flax import nnx
 
 import ternjax as tj
 from ternjax import export as ex
-from ternjax import ops, predict, runtime_numpy
-from ternjax.models import MODELS, Flatten, ReLU
+from ternjax import predict, runtime_numpy
+from ternjax.models import MODELS, Flatten
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-X = jax.random.uniform(jax.random.key(5), (32, 28, 28, 1))
+X = np.asarray(jax.random.uniform(jax.random.key(5), (32, 28, 28, 1)))
+RUNTIMES = {"jax": ex.load,
+            "numpy": runtime_numpy.load,
+            "onnxruntime": lambda path, **kw: runtime_numpy.load(path, engine="onnxruntime",
+                                                                 **kw)}
 
 
-def _profile_module():
-  spec = importlib.util.spec_from_file_location("profile_operations",
-                                                ROOT / "experiments/profile_operations.py")
+def experiment(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -56,11 +61,23 @@ def assert_logits_close(actual, expected):
   np.testing.assert_allclose(actual, expected, atol=1e-2 * max(1.0, np.abs(expected).max()))
 
 
+def eval_logits(model, x):
+  model.eval()
+  return np.asarray(model(jnp.asarray(x)))
+
+
+def assert_every_runtime(path, expected, x=X):
+  """JAX, NumPy (onnx.reference) and onnxruntime agree with ``expected`` (the model, eval)."""
+  jax_logits = np.asarray(ex.load(path)(x))
+  assert_logits_close(jax_logits, expected)
+  for name in ("numpy", "onnxruntime"):
+    assert_logits_close(RUNTIMES[name](path)(x), jax_logits)
+
+
 def build(name, fp_first_last=False, **quant):
   model = MODELS[name](tj.QuantConfig(**quant), fp_first_last=fp_first_last,
                        rngs=nnx.Rngs(0, quant=1))
-  randomize_batchnorm(model).eval()
-  return model
+  return randomize_batchnorm(model)
 
 
 CASES = {
@@ -73,129 +90,241 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_round_trip_jax_and_numpy(case, tmp_path):
-  """Predictions identical, logits within float rounding: model (eval) vs JAX vs NumPy."""
+def test_reference_models_every_runtime(case, tmp_path):
+  """Predictions identical, logits within float rounding: model (eval), JAX, NumPy, ORT."""
   kw = dict(CASES[case])
   name = kw.pop("name")
   model = build(name, **kw)
-  expected = model(X)
   path = ex.export(model, tmp_path / "e", model_name=name, input_shape=(28, 28, 1), classes=10)
-  net = ex.load(path, model=name)
-  logits = net(X)
-  assert_logits_close(logits, expected)
-  assert_logits_close(runtime_numpy.load(path, model=name)(np.asarray(X)), logits)
-  # BatchNorm is folded: no affine layer is left, and the export holds no float shadow weights.
-  kinds = [l["kind"] for l in net.metadata["layers"]]
-  assert "affine" not in kinds and kinds.count("relu") + kinds.count("max_pool") > 0
-  for i, spec in enumerate(net.metadata["layers"]):
-    if spec["kind"].startswith("ternary"):
-      leaves = jax.tree.leaves(net.params[str(i)])
-      assert all(a.dtype == jnp.uint32 or a.ndim <= 1 for a in leaves), spec
-      n = spec["features"][1]
-      assert all(a.size <= n for a in leaves if a.dtype != jnp.uint32)
+  assert_every_runtime(path, eval_logits(model, X))
+  meta = ex.load(path, model=name).metadata
+  # Every BatchNorm follows a layer and folds into it; no float shadow weight is stored.
+  batchnorms = [l for l in meta["layers"] if l["kind"] == "BatchNorm"]
+  assert batchnorms and all(l["folded_into"] for l in batchnorms)
+  ternary = {l["name"] for l in meta["layers"] if l.get("export", "").startswith("ternary")}
+  assert ternary and not any(f"{t}/kernel" in meta["arrays"] for t in ternary)
+  assert not any("mean" in a or "var" in a for a in meta["arrays"])
+  assert {a["dtype"] for n, a in meta["arrays"].items() if n.endswith("/codes")} == {"uint8"}
+
+
+class Block(nnx.Module):
+  """What a CIFAR zoo uses: strided residual block with a projection shortcut, a depthwise
+  ternary conv with int8 inputs, float conv + BatchNorm, concatenation, GELU, average pooling,
+  LayerNorm, attention, dropout, a BatchNorm after a ReLU (not foldable)."""
+
+  def __init__(self, rngs):
+    act = tj.QuantConfig(weights="twn", activations="ternary")
+    self.stem = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    self.bn0 = nnx.BatchNorm(8, rngs=rngs)
+    self.c1 = tj.TernaryConv(8, 16, (3, 3), strides=2, quant=act, rngs=rngs)
+    self.b1 = nnx.BatchNorm(16, rngs=rngs)
+    self.c2 = tj.TernaryConv(16, 16, (3, 3), padding=((1, 1), (2, 2)), kernel_dilation=(1, 2),
+                             quant=act, rngs=rngs)
+    self.b2 = nnx.BatchNorm(16, rngs=rngs)
+    self.proj = tj.TernaryConv(8, 16, (1, 1), strides=2, use_bias=False, quant=act, rngs=rngs)
+    self.bp = nnx.BatchNorm(16, rngs=rngs)
+    self.dw = tj.TernaryConv(16, 16, (3, 3), feature_group_count=16, rngs=rngs,
+                             quant=tj.QuantConfig(weights="ttq", activations="int8"))
+    self.after_relu = nnx.BatchNorm(32, rngs=rngs)
+    self.ln = nnx.LayerNorm(32, rngs=rngs)
+    self.att = nnx.MultiHeadAttention(4, 32, rngs=rngs, decode=False)
+    self.fc = tj.TernaryLinear(32, 10, quant=tj.QuantConfig(weights="twn"), rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn0(self.stem(x)))
+    y = self.b2(self.c2(nnx.relu(self.b1(self.c1(x)))))
+    x = nnx.relu(y + self.bp(self.proj(x)))
+    x = jnp.concatenate([x, nnx.gelu(self.dw(x))], axis=-1)
+    x = self.after_relu(nnx.max_pool(x, (3, 3), (2, 2), padding="SAME"))
+    t = nnx.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1, 32)
+    t = t + self.att(self.ln(t))
+    return self.fc(self.drop(jnp.tanh(t.mean(axis=1))))
+
+
+def test_any_model_every_runtime(tmp_path):
+  model = randomize_batchnorm(Block(nnx.Rngs(0, quant=1)))
+  path = ex.export(model, tmp_path / "e", model_name="block", input_shape=(28, 28, 1),
+                   classes=10)
+  assert_every_runtime(path, eval_logits(model, X[:8]), X[:8])
+  meta = ex.load(path).metadata
+  folded = {l["name"]: l["folded_into"] for l in meta["layers"] if l["kind"] == "BatchNorm"}
+  assert folded == {"bn0": "stem", "b1": "c1", "b2": "c2", "bp": "proj", "after_relu": None}
+  assert "after_relu/gain" in meta["arrays"] and "proj/bias" in meta["arrays"]
+  assert [n["spec"]["name"] for n in meta["graph"]["nodes"] if n["op"] == "ternary"] == \
+      ["c1", "c2", "proj", "dw", "fc"]
+  names = [l["name"] for l in meta["layers"]]  # the model card's table: in call order
+  assert names.index("stem") < names.index("c1") < names.index("proj") < names.index("att")
 
 
 def test_standalone_batchnorm_and_dropout(tmp_path):
-  """A BatchNorm after a non-linear layer becomes an affine layer; dropout is dropped."""
+  """A BatchNorm after a non-linear layer becomes an affine layer; dropout is the identity."""
   rngs = nnx.Rngs(0)
   model = nnx.Sequential(Flatten(), nnx.BatchNorm(784, rngs=rngs), nnx.Dropout(0.5, rngs=rngs),
                          tj.TernaryLinear(784, 10, quant=tj.QuantConfig(weights="ttq"),
                                           rngs=rngs))
-  randomize_batchnorm(model).eval()
+  randomize_batchnorm(model)
   path = ex.export(model, tmp_path / "e", model_name="bn", input_shape=(28, 28, 1), classes=10)
-  net = ex.load(path)
-  assert [l["kind"] for l in net.metadata["layers"]] == ["flatten", "affine", "ternary_linear"]
-  assert_logits_close(net(X), model(X))
+  assert sorted(ex.load(path).metadata["arrays"]) == [
+      "layers/1/gain", "layers/1/shift", "layers/3/bias", "layers/3/codes", "layers/3/scale_neg",
+      "layers/3/scale_pos"]
+  assert_every_runtime(path, eval_logits(model, X))
 
 
 def test_census_passes_ternary_and_flags_float_multiplies(tmp_path, monkeypatch):
-  profile = _profile_module()
+  profile = experiment("profile_operations")
   act = tj.QuantConfig(weights="twn", activations="ternary")
   rngs = nnx.Rngs(0)
   model = nnx.Sequential(
-      Flatten(), nnx.Linear(784, 64, rngs=rngs), ReLU(),
+      Flatten(), nnx.Linear(784, 64, rngs=rngs), nnx.relu,
       tj.TernaryLinear(64, 32, quant=act, rngs=rngs), nnx.BatchNorm(32, rngs=rngs),
       tj.TernaryLinear(32, 10, quant=tj.QuantConfig(weights="ttq", activations="ternary"),
                        rngs=rngs))
   path = ex.export(model, tmp_path / "e", model_name="m", input_shape=(28, 28, 1), classes=10)
-  net = ex.load(path)
-  rows = profile.census(net)
-  assert [r["verdict"] for r in rows] == ["-", "float layer", "-", "ok", "ok"]
-  assert rows[3]["ops"]["popcount"]["uint32"]["eqns"] > 0
+  rows = profile.census(ex.load(path))
+  assert [r["verdict"] for r in rows] == ["float segment", "ok", "float segment", "ok"]
+  assert rows[1]["ops"]["popcount"]["uint32"]["eqns"] > 0
   assert not profile.violations(rows)
 
-  def float_dot(spec, p, x, implementation):  # wrong: dequantized weights, float matmul
-    t = tj.unpack_bitplanes(p["w"], jnp.float32)
-    return (x @ t) * p["scale_pos"] + p["bias"]
+  def float_dot(spec, x, codes, scale_pos, bias, **kw):  # wrong: float matmul of weights
+    return x.astype(jnp.float32) @ tj.unpack_bitplanes(codes, jnp.float32) * scale_pos + bias
 
-  def float_mul(spec, p, x, implementation):  # wrong: a float multiply per weight
-    t = tj.unpack_bitplanes(p["w"], jnp.float32)
-    return jnp.sum(x[:, :, None] * t[None], axis=1) * p["scale_pos"] + p["bias"]
-
-  for wrong in (float_dot, float_mul):
-    monkeypatch.setitem(ex.LAYERS, "ternary_linear", wrong)
-    rows = profile.census(ex.load(path))
-    assert [r["layer"] for r in profile.violations(rows)] == [3, 4], wrong.__name__
+  monkeypatch.setattr(ex, "ternary_dispatch", float_dot)
+  rows = profile.census(ex.load(path))
+  assert [r["layer"] for r in profile.violations(rows)] == [1, 3]
 
 
 @pytest.fixture(scope="module")
 def mlp_export(tmp_path_factory):
-  model = build("mlp", weights="twn")
+  model = build("mlp", weights="twn", activations="ternary")
   path = tmp_path_factory.mktemp("exports") / "mlp"
   ex.export(model, path, model_name="mlp", input_shape=(28, 28, 1), classes=10, accuracy=0.5)
   return path, np.asarray(ex.load(path)(X))
 
 
-def _copy(src, dst):
-  import shutil
-  shutil.copytree(src, dst)
-  return dst
-
-
 def _refused(path, match, **kw):
-  with pytest.raises(ex.ExportError, match=match):
-    ex.load(path, **kw)
-  with pytest.raises(ex.ExportError, match=match):
-    runtime_numpy.load(path, **kw)
+  for name, load in RUNTIMES.items():
+    with pytest.raises(ex.ExportError, match=match) as info:
+      load(path, **kw)
+    assert "\n" not in str(info.value), name
 
 
-# A failed Orbax restore leaves a TensorStore callback for its closed event loop: harmless noise.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupted_and_mismatched_exports_are_refused(mlp_export, tmp_path):
-  good, _ = mlp_export
-  _refused(good, "holds model 'mlp', not the requested 'lenet5'", model="lenet5")
+def _edited(good, dst, edit):
+  target = shutil.copytree(good, dst)
+  edit(target)
+  return target
+
+
+def _rewrite_metadata(path, change):
+  meta_file = path / "metadata" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  change(meta)
+  meta_file.write_text(json.dumps(meta))
+
+
+def _largest_array_file(path):
+  return max((f for f in (path / "arrays").rglob("*") if f.is_file()),
+             key=lambda f: f.stat().st_size)
+
+
+def _truncate(f):
+  f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+def _flip(f):
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x5A
+  f.write_bytes(bytes(data))
+
+
+def _set_threshold(meta):
+  layer = next(l for l in meta["layers"] if l.get("act_threshold"))
+  layer["act_threshold"] = 0.4
+
+
+BAD_EXPORTS = {  # name: (edit, the one-line error)
+    "truncated array file": (lambda p: _truncate(_largest_array_file(p)),
+                             r"corrupted export: arrays/.* does not match its checksum"),
+    "flipped byte in an array file": (lambda p: _flip(_largest_array_file(p)),
+                                      r"arrays/.* does not match its checksum"),
+    "edited act_threshold": (lambda p: _rewrite_metadata(p, _set_threshold),
+                             r"metadata/metadata does not match its checksum"),
+    "missing metadata": (lambda p: (p / "metadata" / "metadata").unlink(),
+                         r"metadata/metadata is missing"),
+    "truncated segment": (lambda p: _truncate(p / "graph" / "segment000.jax"),
+                          r"graph/segment000.jax does not match its checksum"),
+    "flipped ONNX byte": (lambda p: _flip(p / "model.onnx"), r"model.onnx does not match"),
+    "no checksums": (lambda p: (p / "checksums.json").unlink(),
+                     r"not a ternjax export or corrupted: no checksums.json"),
+    "unlisted file": (lambda p: (p / "arrays" / "extra").write_bytes(b"x"),
+                      r"arrays/extra is not covered by checksums.json"),
+    "other version": (lambda p: (_rewrite_metadata(p, lambda m: m.update(format_version=1)),
+                                 (p / "checksums.json").unlink()),
+                      r"export format version 1, this ternjax reads version 2"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_EXPORTS)
+def test_bad_exports_are_refused_by_every_runtime(bad, mlp_export, tmp_path):
+  edit, match = BAD_EXPORTS[bad]
+  _refused(_edited(mlp_export[0], tmp_path / "e", edit), match)
+
+
+def test_refusals_name_and_model(mlp_export, tmp_path):
+  _refused(mlp_export[0], "holds model 'mlp', not the requested 'lenet5'", model="lenet5")
   _refused(tmp_path / "nothing", "no such export directory")
 
-  wrong_version = _copy(good, tmp_path / "version")
-  meta_file = wrong_version / "metadata" / "metadata"
-  meta = json.loads(meta_file.read_text())
-  meta_file.write_text(json.dumps({**meta, "format_version": 99}))
-  _refused(wrong_version, "format version 99")
 
-  truncated_meta = _copy(good, tmp_path / "meta")
-  (truncated_meta / "metadata" / "metadata").write_text(meta_file.read_text()[:100])
-  _refused(truncated_meta, "corrupted")
-
-  truncated = _copy(good, tmp_path / "truncated")
-  biggest = max((f for f in (truncated / "arrays").rglob("*") if f.is_file()),
-                key=lambda f: f.stat().st_size)
-  biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
-  _refused(truncated, "corrupted export")
-
-  flipped = _copy(good, tmp_path / "flipped")  # same length, one byte changed
-  biggest = flipped / biggest.relative_to(truncated)
-  data = bytearray(biggest.read_bytes())
-  data[len(data) // 2] ^= 0x5A
-  biggest.write_bytes(bytes(data))
-  _refused(flipped, "corrupted export")
+def _resign(path):
+  (path / "checksums.json").unlink()
+  runtime_numpy.write_checksums(path)
 
 
-def test_export_never_overwrites_silently_and_is_atomic(mlp_export, tmp_path, monkeypatch):
+def test_an_op_the_numpy_runtime_lacks_is_refused(mlp_export, tmp_path):
+  import onnx
+  from onnx import helper
+
+  def add_unknown_op(path):
+    model = onnx.load(path / "model.onnx")
+    out = model.graph.output[0]
+    model.graph.node.append(helper.make_node("Mystery", [out.name], ["mystery"],
+                                             domain="com.example"))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    out.name = "mystery"
+    onnx.save(model, path / "model.onnx")
+    _resign(path)  # a consistent export whose graph uses an operator nobody implements
+
+  path = _edited(mlp_export[0], tmp_path / "e", add_unknown_op)
+  for engine in runtime_numpy.ENGINES:
+    with pytest.raises(ex.ExportError, match=f"model.onnx cannot run on "
+                       f"{'onnx.reference' if engine == 'numpy' else 'onnxruntime'}"):
+      runtime_numpy.load(path, engine=engine)
+  ex.load(path)  # the JAX runtime does not read model.onnx
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_inputs_are_checked_by_every_runtime(runtime, mlp_export):
+  net = RUNTIMES[runtime](mlp_export[0])
+  for images, match in [(np.zeros((2, 56, 14, 1), np.float32), r"shape \(2, 56, 14, 1\)"),
+                        (np.zeros((2, 28, 28), np.float32), "takes a batch of 28×28×1"),
+                        (np.zeros((2, 28, 28, 1), np.uint8), "dtype uint8"),
+                        (np.full((2, 28, 28, 1), np.nan, np.float32), "non-finite"),
+                        (np.full((2, 28, 28, 1), np.inf), "non-finite")]:
+    with pytest.raises(ValueError, match=match):
+      net(images)
+  empty = np.asarray(net(np.zeros((0, 28, 28, 1), np.float32)))
+  assert empty.shape == (0, 10) and empty.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(net(X[:3].astype(np.float64))), mlp_export[1][:3],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_export_never_overwrites_and_is_atomic(mlp_export, tmp_path, monkeypatch):
   good, logits = mlp_export
-  target = _copy(good, tmp_path / "e")
-  lenet = MODELS["mlp"](tj.QuantConfig(weights="ttq"), sizes=(784, 32, 10), rngs=nnx.Rngs(0))
+  target = shutil.copytree(good, tmp_path / "e")
+  other = MODELS["mlp"](tj.QuantConfig(weights="ttq"), sizes=(784, 32, 10), rngs=nnx.Rngs(0))
+  args = dict(model_name="other", input_shape=(28, 28, 1), classes=10)
   with pytest.raises(ex.ExportError, match="exists; pass overwrite=True"):
-    ex.export(lenet, target, model_name="lenet5", input_shape=(28, 28, 1), classes=10)
+    ex.export(other, target, **args)
 
   real_save = ex._save_checkpoint
 
@@ -204,37 +333,61 @@ def test_export_never_overwrites_silently_and_is_atomic(mlp_export, tmp_path, mo
     raise KeyboardInterrupt
 
   monkeypatch.setattr(ex, "_save_checkpoint", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    ex.export(lenet, target, model_name="lenet5", input_shape=(28, 28, 1), classes=10,
-              overwrite=True)
-  with pytest.raises(KeyboardInterrupt):
-    ex.export(lenet, tmp_path / "new", model_name="lenet5", input_shape=(28, 28, 1), classes=10)
+  for directory in (target, tmp_path / "new"):
+    with pytest.raises(KeyboardInterrupt):
+      ex.export(other, directory, overwrite=True, **args)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # nothing new, no leftovers
   np.testing.assert_array_equal(ex.load(target, model="mlp")(X), logits)
 
   monkeypatch.setattr(ex, "_save_checkpoint", real_save)
-  ex.export(lenet, target, model_name="lenet5", input_shape=(28, 28, 1), classes=10,
-            overwrite=True)
-  assert ex.load(target).metadata["model"] == "lenet5"
+  ex.export(other, target, overwrite=True, **args)
+  assert ex.load(target).metadata["model"] == "other"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_an_export_that_disagrees_with_the_model_is_not_written(mlp_export, tmp_path,
+                                                                monkeypatch):
+  target = shutil.copytree(mlp_export[0], tmp_path / "e")
+  real = ex.ternary_dispatch  # a runtime bug, for example: every ternary output off by one
+  monkeypatch.setattr(ex, "ternary_dispatch", lambda *a, **kw: real(*a, **kw) + 1.0)
+  model = build("mlp", weights="twn")
+  with pytest.raises(ex.ExportError, match="jax runtime disagrees with the model in eval mode"):
+    ex.export(model, target, model_name="mlp", input_shape=(28, 28, 1), classes=10,
+              overwrite=True)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+  np.testing.assert_array_equal(ex.load(target)(X), mlp_export[1])
+
+
+class Scanned(nnx.Module):
+  def __init__(self, rngs):
+    self.layer = tj.TernaryLinear(784, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return jax.jit(lambda x: self.layer(x))(x.reshape(x.shape[0], -1))
 
 
 def test_export_rejects_what_it_cannot_represent(tmp_path):
   rngs = nnx.Rngs(0)
-  with pytest.raises(ex.ExportError, match="not in the export vocabulary"):
-    ex.export(nnx.Sequential(Flatten(), nnx.LayerNorm(784, rngs=rngs)), tmp_path / "a",
-              model_name="x", input_shape=(28, 28, 1), classes=10)
-  model = nnx.Sequential(Flatten(), nnx.Linear(784, 5, rngs=rngs))
-  with pytest.raises(ex.ExportError, match="expected 10 class logits"):
-    ex.export(model, tmp_path / "b", model_name="x", input_shape=(28, 28, 1), classes=10)
-  with pytest.raises(ex.ExportError, match="does not fit the model"):
-    ex.export(model, tmp_path / "c", model_name="x", input_shape=(32, 32, 3), classes=5)
+  args = dict(model_name="x", input_shape=(28, 28, 1), classes=10)
+  small = nnx.Sequential(Flatten(), nnx.Linear(784, 5, rngs=rngs))
+  for model, kw, match in [
+      (small, {}, r"outputs \(5,\) per input of shape \(28, 28, 1\), expected 10 class"),
+      (small, dict(input_shape=(32, 32, 3)), "tracing Sequential on input .* failed"),
+      (nnx.Sequential(tj.TernaryConv(1, 10, (3, 3), padding="CIRCULAR", rngs=rngs),
+                      lambda x: x.mean((1, 2))), {}, "padding 'CIRCULAR' are not exportable"),
+      (Scanned(rngs), {}, "ternary layer layer runs inside (jit|pjit)"),
+      (nnx.Sequential(Flatten(), nnx.Linear(784, 10, rngs=rngs), lambda x: (x, x)), {},
+       "returns 2 arrays"),
+  ]:
+    with pytest.raises(ex.ExportError, match=match):
+      ex.export(model, tmp_path / "e", **{**args, **kw})
   assert not list(tmp_path.iterdir())
 
 
 def test_numpy_runtime_does_not_import_jax(mlp_export, tmp_path):
   path, logits = mlp_export
-  np.save(tmp_path / "x.npy", np.asarray(X))
+  np.save(tmp_path / "x.npy", X)
   script = f"""
 import sys
 class Block:
@@ -253,16 +406,6 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "fla
   assert_logits_close(np.load(tmp_path / "out.npy"), logits)
 
 
-def test_numpy_conv_patches_match_ops():
-  x = np.asarray(jax.random.randint(jax.random.key(0), (2, 9, 8, 3), -1, 2), np.int8)
-  for window, strides, padding, dilation in [((3, 3), (1, 1), "SAME", (1, 1)),
-                                             ((2, 3), (2, 3), "VALID", (1, 1)),
-                                             ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1))]:
-    expected = ops.conv_patches(jnp.asarray(x), window, strides, padding, dilation)
-    got = runtime_numpy.conv_patches(x, window, strides, padding, dilation)
-    np.testing.assert_array_equal(got, expected)
-
-
 def test_package_zip_and_model_card(mlp_export, tmp_path):
   path, logits = mlp_export
   zip_path = ex.package(path, tmp_path / "mlp.zip")
@@ -273,23 +416,28 @@ def test_package_zip_and_model_card(mlp_export, tmp_path):
     card = z.read("MODEL_CARD.md").decode()
     meta = json.loads(z.read("metadata.json"))
     z.extractall(tmp_path / "unzipped")
-  assert "metadata.json" in names and "export/metadata/metadata" in names
+  assert "metadata.json" in names and "export/model.onnx" in names
   assert meta["model"] == "mlp" and "accuracy: 0.5000" in card and "ternjax-predict" in card
-  assert "ternary_linear" in card and "bits/weight" in card
+  assert "TernaryLinear" in card and "folded into layers/1" in card and "bits/weight" in card
   np.testing.assert_array_equal(ex.load(tmp_path / "unzipped" / "export")(X), logits)
 
 
 def test_size_report_counts_two_bits_per_weight(mlp_export):
   size = ex.size_report(mlp_export[0])
   assert size["ternary_weights"] == 784 * 256 + 256 * 128 + 128 * 10
-  assert size["code_bytes"] == 196 * 256 + 64 * 128 + 32 * 10
+  assert size["codes_bytes"] == 196 * 256 + 64 * 128 + 32 * 10
   assert size["bits_codes"] == 2.0 and size["bits_with_scales"] < 2.1
-  assert size["float32_bytes"] == 4 * (234752 + 256 + 128 + 10 + 4 * (256 + 128))
-  assert size["disk_bytes"] < size["float32_bytes"] / 14
+  assert size["onnx_bits_with_scales"] == size["bits_with_scales"]  # packed in the ONNX too
+  assert size["float32_bytes"] == 4 * (234752 + 256 + 128 + 10 + 3 + 4 * (256 + 128))
+  assert size["orbax_bytes"] < size["float32_bytes"] / 14
+  assert size["onnx_bytes"] < size["float32_bytes"] / 10  # raw arrays and graph, no zstd
 
 
 def test_trained_export_predict_cli_matches_training_eval(tmp_path, capsys):
-  """Brief MNIST training, export, then ternjax-predict reproduces the training eval accuracy."""
+  """Brief MNIST training, export, then ternjax-predict reproduces the training eval accuracy
+  with every runtime, on the dataset and on PNG / JPEG files."""
+  from PIL import Image
+
   from ternjax import data as tjdata
   from ternjax import train
   data = tjdata.load("mnist").subset(1000)
@@ -299,20 +447,60 @@ def test_trained_export_predict_cli_matches_training_eval(tmp_path, capsys):
   capsys.readouterr()
   path = ex.export(model, tmp_path / "export", model_name="lenet5", input_shape=(28, 28, 1),
                    classes=10, accuracy=summary["test_accuracy"], extra={"dataset": "mnist"})
-  for runtime in ("jax", "numpy"):
+  for runtime in RUNTIMES:
     assert predict.main([str(path), "--limit", "1000", "--batch-size", "300", "--json",
                          "--runtime", runtime]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 1000 and result["images_per_s"] > 0
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6), runtime
   assert summary["test_accuracy"] > 0.2  # 10 steps: learned something (chance is 0.1)
+  files = [tmp_path / "a.png", tmp_path / "b.jpg"]
+  Image.fromarray(data.x_test[0, :, :, 0]).save(files[0])
+  Image.fromarray(data.x_test[1, :, :, 0]).convert("RGB").save(files[1], quality=100)
+  assert predict.main([str(path), *map(str, files), "--json"]) == 0
+  got = [r["class_index"] for r in json.loads(capsys.readouterr().out)]
+  expected = np.asarray(ex.load(path)(data.x_test[:2].astype(np.float32) / 255)).argmax(-1)
+  assert got[0] == expected[0]  # the PNG is lossless; the JPEG is not, so only printed
 
 
 def test_predict_cli_errors_are_one_line(mlp_export, tmp_path):
-  for argv, match in [([str(tmp_path / "missing")], "no such export directory"),
-                      ([str(mlp_export[0]), "--model", "lenet5"], "not the requested"),
-                      ([str(mlp_export[0]), "--batch-size", "0"], "must be positive")]:
+  from PIL import Image
+  Image.new("L", (56, 14)).save(tmp_path / "wide.png")
+  (tmp_path / "text.png").write_text("not an image")
+  truncated = _edited(mlp_export[0], tmp_path / "t", lambda p: _truncate(_largest_array_file(p)))
+  good = str(mlp_export[0])
+  cases = [([str(tmp_path / "missing")], "no such export directory"),
+           ([good, "--model", "lenet5"], "not the requested"),
+           ([good, "--batch-size", "0"], "must be positive"),
+           ([good, str(tmp_path / "wide.png")], "is 56×14 pixels, the export takes 28×28"),
+           ([good, str(tmp_path / "text.png")], "cannot identify image file"),
+           ([good, str(tmp_path / "nothing.png")], "No such file"),
+           ([good, "--dataset", "cifar10"], "cifar10 images are (32, 32, 3), the export takes")]
+  cases += [([str(truncated), "--runtime", r], "does not match its checksum") for r in RUNTIMES]
+  for argv, match in cases:
     out = subprocess.run([sys.executable, "-m", "ternjax.predict", *argv], capture_output=True,
                          text=True)
-    assert out.returncode == 2, out.stderr
-    assert match in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2, (argv, out.stderr)
+    assert match in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("name", ["net", "lenet5", "residual_cnn"])
+def test_trained_models_full_test_set_fresh_process(name, tmp_path):
+  """Done-when of issue 13 (briefly trained): every runtime, in a process that never imports
+  the model's code, predicts exactly what the trained model does in eval mode, on all 10,000
+  MNIST test images; the Orbax and ONNX exports keep 2-bit codes."""
+  import dataclasses
+
+  from ternjax import data as tjdata
+  from ternjax import train
+  module = experiment("export_mnist")
+  data = tjdata.load("mnist")
+  data = dataclasses.replace(data, x_train=data.x_train[:2048], y_train=data.y_train[:2048])
+  result = module.check(name, data, tmp_path, train.TrainConfig(epochs=1, batch_size=64,
+                                                                lr=3e-3))
+  for runtime in ("jax", "onnxruntime", "numpy"):
+    assert result[runtime]["differing_predictions"] == 0, (runtime, result[runtime])
+  assert result["eval_accuracy"] > 0.2 and result["test_examples"] == 10000  # 32 steps
+  assert result["size"]["bits_codes"] <= 2.05  # 2 bits, rows padded to multiples of 4
+  assert result["size"]["onnx_bits_with_scales"] == result["size"]["bits_with_scales"]

@@ -1,4 +1,4 @@
-"""Ternary NNX layers: forward uses the quantized kernel, mixed models train, summary adds up."""
+"""Ternary NNX layers: forward uses the quantized kernel, mixed models train."""
 
 import jax
 import jax.numpy as jnp
@@ -97,21 +97,6 @@ def test_mixed_model_trains_with_plain_optimizer():
   assert losses[-1] < 0.5 * losses[0], losses
   assert not np.allclose(model.conv2.quant.alpha_pos[...], alpha_before)  # TTQ scales learn
   assert float(model.fc1.quant.act_scale[...]) != 1.0                     # activation scale too
-
-
-def test_summary_table():
-  model = Mixed(nnx.Rngs(0))
-  s = tj.summary(model)
-  names = [l.name for l in s.layers]
-  assert names == ["bn", "conv1", "conv2", "fc1", "fc2"]
-  fc1 = s.layers[names.index("fc1")]
-  assert fc1.bits_per_weight == 2 and fc1.params == 512 * 32 + 32 + 1
-  # 2-bit codes (128 bytes per column) + float32 bias, scale and per-channel α
-  assert fc1.packed_bytes == 128 * 32 + 4 * (32 + 1 + 32)
-  assert 0 < fc1.sparsity < 1
-  assert s.params == sum(l.params for l in s.layers)
-  text = str(s)
-  assert "TernaryLinear" in text and "αp" in text and "x smaller" in text
 
 
 @pytest.fixture
