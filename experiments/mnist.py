@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.config = get_config(args)
   except ValueError as err:
     p.error(str(err))
+  if args.export and Path(args.export).exists() and not args.overwrite:
+    p.error(f"--export {args.export} exists; pass --overwrite to replace it")  # before training
   args.error = p.error
   return args
 
