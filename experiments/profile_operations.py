@@ -173,9 +173,10 @@ def main(argv=None) -> int:
       report[name] = dict(census=rows, size=ex.size_report(path), backend=jax.default_backend(),
                           batch=args.batch)
       texts.append(table(name, rows))
-  size_lines = ["## Size", "", "| model | ternary weights | codes B | scales B | biases B | "
-                "float arrays B | arrays B | Orbax disk B | ONNX file B | float32 B | "
-                "bits/w codes | bits/w +scales | bits/w +scales+biases | ONNX bits/w +scales |",
+  size_lines = ["## Size", "", ("| model | ternary weights | codes B | scales B | biases B | "
+                                "float arrays B | arrays B | Orbax disk B | ONNX file B | "
+                                "float32 B | bits/w codes | bits/w +scales | "
+                                "bits/w +scales+biases | ONNX bits/w +scales |"),
                 "|---|" + "---|" * 13]
   for name, r in report.items():
     s = r["size"]

@@ -400,7 +400,8 @@ from ternjax import runtime_numpy as rt
 np.save({str(tmp_path / "out.npy")!r}, rt.load({str(path)!r})(np.load({str(tmp_path / "x.npy")!r})))
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax")))
 """
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=False)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"
   assert_logits_close(np.load(tmp_path / "out.npy"), logits)
@@ -479,7 +480,7 @@ def test_predict_cli_errors_are_one_line(mlp_export, tmp_path):
   cases += [([str(truncated), "--runtime", r], "does not match its checksum") for r in RUNTIMES]
   for argv, match in cases:
     out = subprocess.run([sys.executable, "-m", "ternjax.predict", *argv], capture_output=True,
-                         text=True)
+                         text=True, check=False)
     assert out.returncode == 2, (argv, out.stderr)
     assert match in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

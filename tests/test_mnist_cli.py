@@ -72,6 +72,11 @@ def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys):
     cli.main(["--limit", "256", "--epochs", "1", "--out", str(busy)])
   assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
   assert (busy / "checkpoint").read_text() == "keep me"
+  with pytest.raises(SystemExit) as exit_:  # refused before any training
+    cli.main(["--limit", "256", "--epochs", "1", "--out", str(tmp_path / "new"),
+              "--export", str(busy)])
+  assert exit_.value.code == 2 and "--export" in capsys.readouterr().err
+  assert not (tmp_path / "new").exists()
 
   spec = data.SPECS["mnist"]
   monkeypatch.setitem(data.SPECS, "mnist", data.Spec(spec.subdir, spec.files,

@@ -52,5 +52,5 @@ def test_summary_of_a_residual_model_and_without_input():
   assert s.layers[names.index("attention")].macs == 2 * 16 * 16 * 16
   assert s.ternary_macs == 4 * 4 * 16 * (9 + 1)
   plain = tj.summary(model)  # no input: attribute order, no shapes or MACs
-  assert [l.name for l in plain.layers][0] == "attention/key"
+  assert plain.layers[0].name == "attention/key"
   assert all(l.macs is None and l.output_shape is None for l in plain.layers)
