@@ -134,7 +134,7 @@ def test_two_processes_match_one_and_a_killed_run_resumes(tmp_path):
   out, err = procs[0].communicate()
   assert code == 1, err[-3000:]
   assert stopped < 25, f"took {stopped:.0f} s (the heartbeat timeout is 30 s)"
-  assert err.strip().count("\n") == 0 and err.startswith("error: process 0 of 2 lost the others")
+  assert err.strip().count("\n") == 0 and err.startswith("error: process 0 of 2 stopped: ")
   assert "--resume" in err and "Traceback" not in out + err
   assert "epoch" not in procs[1].communicate()[0]  # logs come from process 0 only
   assert _metrics(run)[0]["epoch"] == 1
