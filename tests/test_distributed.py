@@ -88,7 +88,10 @@ def _free_port() -> int:
 
 
 def _env(cache: Path) -> dict:
-  return {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache)}
+  """The subprocesses' environment: on CPU (also on a GPU machine: these test CPU devices and
+  gloo), with a compilation cache shared by a test's runs."""
+  return {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PLATFORMS": "cpu"}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -174,7 +177,7 @@ def test_unreachable_coordinator_stops_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["--devices", "0"], "--devices: must be an integer of at least 1"),
-    (["--devices", "2"], "--devices 2: this run has 1 device(s)"),
+    (["--devices", "4096"], "--devices 4096: this run has"),
     (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
     (["--coordinator", "127.0.0.1:1234"], "go together"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
