@@ -177,9 +177,9 @@ def main_only(context, otherwise=None):
 
 @contextlib.contextmanager
 def stop_on_failure():
-  """With several processes, a failed collective (a peer died) ends this one: one line on
-  stderr, exit status 1. ``os._exit`` skips JAX's shutdown barrier, which would wait for the
-  dead peer and then abort with a C++ stack trace."""
+  """With several processes, a runtime failure (a collective that fails because a peer died,
+  or any XLA error) ends this one: one line on stderr, exit status 1. ``os._exit`` skips JAX's
+  shutdown barrier, which would wait for the others and then abort with a C++ stack trace."""
   try:
     yield
   except (jax.errors.JaxRuntimeError, ValueError) as err:
@@ -187,9 +187,9 @@ def stop_on_failure():
       raise
     first = str(err).strip().splitlines()[0][:300]
     sys.stdout.flush()
-    print(f"error: process {jax.process_index()} of {jax.process_count()} lost the others "
-          f"({first}); the last finished checkpoint is intact: start all processes again with "
-          "--resume", file=sys.stderr, flush=True)
+    print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: {first}; "
+          "the last finished checkpoint is intact: start all processes again with --resume",
+          file=sys.stderr, flush=True)
     os._exit(1)
 
 
