@@ -176,7 +176,8 @@ def plots(out: Path, stats: dict, all_curves: dict, title: str) -> None:
   ax.set(xscale="log", xlabel=f"deployed size, KiB ({next(iter(stats.values()))['size_source']})"
          if stats else "deployed size, KiB", ylabel="test accuracy %", title=title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if stats:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out / "accuracy_vs_size.png", dpi=120)
   plt.close(fig)
@@ -195,7 +196,8 @@ def plots(out: Path, stats: dict, all_curves: dict, title: str) -> None:
     ax.set_ylim(max(0, min(finals) - 3), min(100, max(finals) + 0.5))
   ax.set(xlabel="epoch", ylabel="test accuracy % (mean over seeds)", title=title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if finals:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out / "accuracy_over_epochs.png", dpi=120)
   plt.close(fig)
