@@ -157,7 +157,8 @@ def launch(spec: dict, log: Path) -> subprocess.Popen:
 
 def run_all(specs, parallel: int, time_limit: float | None = None, on_done=None):
   """Runs ``specs`` (an iterable, consumed as places free up) as ``parallel`` concurrent
-  processes; calls ``on_done(spec, result or None, log_tail)`` as each ends. Past
+  processes; calls ``on_done(spec, result or None, why, log_tail)`` as each ends (``why``:
+  why there is no result, else None). Past
   ``time_limit`` seconds the running ones are killed and no new one starts (their
   checkpoints stay: the same command resumes them)."""
   start, running, pending = time.monotonic(), [], iter(specs)
@@ -180,14 +181,17 @@ def run_all(specs, parallel: int, time_limit: float | None = None, on_done=None)
         spec, log, proc = item
         if proc.poll() is None and not expired():
           continue
-        if proc.poll() is None:
+        killed = proc.poll() is None
+        if killed:
           proc.kill()
           proc.wait()
         running.remove(item)
         path = Path(spec["workdir"]) / "result.json"
         result = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None
+        why = None if result else ("killed at the time limit" if killed
+                                   else f"failed (exit {proc.returncode}, log {log})")
         if on_done:
-          on_done(spec, result, log.read_text(errors="replace")[-2000:])
+          on_done(spec, result, why, log.read_text(errors="replace")[-2000:])
   finally:
     for _, _, proc in running:
       proc.kill()

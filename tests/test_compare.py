@@ -94,5 +94,5 @@ def test_time_limit_kills_runs_and_says_so(scripts, tmp_path):
                 "--time-limit", "1", "--work", str(tmp_path / "runs"),
                 "--out", str(tmp_path / "out")])
   rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
-  assert [r["status"] for r in rows] == ["incomplete (0 epochs saved)"]
+  assert [r["status"] for r in rows] == ["killed at the time limit (0 epochs saved)"]
   assert "Runs without a result" in (tmp_path / "out" / "results.md").read_text()
