@@ -5,10 +5,15 @@
   python experiments/cifar10.py --model resnet18 --activations ternary
   python experiments/cifar10.py --model resnet20 --weights ttq --init-from runs/FLOAT_RUN
   python experiments/cifar10.py --limit 512 --epochs 1 --batch-size 64   # smoke run
+  python experiments/cifar10.py --model resnet18 --devices 8          # data parallel, 8 GPUs
+  python experiments/cifar10.py ... --coordinator HOST:PORT --num-processes N --process-id I
+                                          # one process per machine or GPU (README: "Multiple
+                                          # GPUs and hosts")
 
 Each run writes config.json, metrics.jsonl, checkpoints/, summary.json and the accuracy report
 (report.json, confusion.png, confidence.png) into --out (default
-runs/cifar10-MODEL-WEIGHTS[-aACT]-sSEED); a non-empty --out needs --resume or --overwrite.
+runs/cifar10-MODEL-WEIGHTS[-aACT]-sSEED); a non-empty --out needs --resume (--resume-from EPOCH)
+or --overwrite; bad input is one line on stderr, exit status 2 (ternjax.cli).
 Augmentation (on the device): random crop of the 4-pixel zero-padded image, horizontal flip.
 
 Data: the copy in ../shared/data is exact for the train set and test records 0..999; test
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -30,7 +34,9 @@ import numpy as np
 from flax import nnx
 
 import ternjax as tj
+from ternjax import cli
 from ternjax import data as tjdata
+from ternjax import distributed as tjdist
 from ternjax import report as tjreport
 from ternjax import train as tjtrain
 from ternjax.layers import ACTIVATION_METHODS, WEIGHT_METHODS
@@ -73,22 +79,21 @@ def build_model(args: argparse.Namespace) -> nnx.Module:
       q, fp_first=fp_first, fp_last=fp_last, dtype=DTYPES[dtype], rngs=_rngs(args.seed))
   if not args.init_from:
     return build(quant, args.fp_first, args.fp_last, args.dtype)
-  source = json.loads((Path(args.init_from) / "config.json").read_text())
+  source = tjtrain.read_config(args.init_from)
   if source.get("model") != args.model or source.get("weights") != "fp":
     args.error(f"--init-from {args.init_from}: needs a float (--weights fp) {args.model} run, "
                f"got {source.get('weights')} {source.get('model')}")
   float_model = build(tj.QuantConfig(weights="fp", activations=source["activations"]),
                       source["fp_first"], source["fp_last"], source["dtype"])
   epoch = tjtrain.restore_model(args.init_from, float_model)
-  print(f"fine-tuning from {args.init_from}/checkpoints/{epoch}")
+  tjdist.log(f"fine-tuning from {args.init_from}/checkpoints/{epoch}")
   return tj.ternarize(float_model, [tj.Rule(r".*", quant)], rngs=_rngs(args.seed + 1),
                       sample_input=jnp.zeros((1, 32, 32, 3)), keep_first=args.fp_first,
                       keep_last=args.fp_last)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, exit 2
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("--model", choices=tuple(RECIPES), default="resnet20")
   p.add_argument("--weights", choices=WEIGHT_METHODS, default="twn")
   p.add_argument("--activations", choices=ACTIVATION_METHODS, default="none",
@@ -97,67 +102,57 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="keep the first conv's weights float (TTQ's setting; default)")
   p.add_argument("--fp-last", action=argparse.BooleanOptionalAction, default=False,
                  help="keep the classifier's weights float")
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--lr", type=float, help="peak learning rate")
+  cli.add_run_arguments(p, export=False)
   p.add_argument("--schedule", choices=SCHEDULES)
   p.add_argument("--label-smoothing", type=float)
   p.add_argument("--weight-decay", type=float)
   p.add_argument("--warmup-epochs", type=float)
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute dtype")
-  p.add_argument("--data-dir", help=f"data root (else ${tjdata.ENV_VAR}, else ~/.cache/ternjax)")
-  p.add_argument("--out", help="run directory (default runs/cifar10-MODEL-WEIGHTS-sSEED)")
-  p.add_argument("--resume", action="store_true", help="continue the run in --out")
-  p.add_argument("--overwrite", action="store_true", help="delete --out's contents first")
   p.add_argument("--init-from", metavar="RUN_DIR",
                  help="fine-tune the ternary twin of this float run's last checkpoint")
-  p.add_argument("--limit", type=int, help="use only the first N train and test examples")
+  tjdist.add_arguments(p)
   args = p.parse_args(argv)
-  if args.limit is not None and args.limit < 1:
-    p.error(f"--limit must be positive, got {args.limit}")
   if args.init_from and not (Path(args.init_from) / "config.json").is_file():
     p.error(f"--init-from {args.init_from}: no config.json there (not a run directory)")
   acts = "" if args.activations == "none" else f"-a{args.activations}"
   args.out = args.out or f"runs/cifar10-{args.model}-{args.weights}{acts}-s{args.seed}"
   try:
     args.config = get_config(args)
+    tjdist.check_arguments(args)
   except ValueError as err:
     p.error(str(err))
   args.error = p.error
-  return args
+  return cli.preflight(p, args)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  try:
-    data = tjdata.load("cifar10", data_dir=args.data_dir)
-  except tjdata.DataError as err:
-    args.error(str(err))
-  if args.limit:
-    data = data.subset(args.limit)
-  n = len(data.y_test)
-  subsets = {"exact": np.arange(min(EXACT_TEST_RECORDS, n))}
-  if n > EXACT_TEST_RECORDS:
-    subsets["degraded"] = np.arange(EXACT_TEST_RECORDS, n)
-  model = build_model(args)
-  print(tj.summary(model))
-  meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
-          "fp_first": args.fp_first, "fp_last": args.fp_last, "dtype": args.dtype,
-          "init_from": args.init_from, "limit": args.limit}
-  try:
+  with cli.errors():
+    mesh = tjdist.setup(args)
+    data = tjdata.load("cifar10", source=args.source, data_dir=args.data_dir)
+    if args.limit:
+      data = data.subset(args.limit)
+    n = len(data.y_test)
+    subsets = {"exact": np.arange(min(EXACT_TEST_RECORDS, n))}
+    if n > EXACT_TEST_RECORDS:
+      subsets["degraded"] = np.arange(EXACT_TEST_RECORDS, n)
+    model = build_model(args)
+    tjdist.log(str(tj.summary(model)))
+    meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
+            "fp_first": args.fp_first, "fp_last": args.fp_last, "dtype": args.dtype,
+            "init_from": args.init_from, "limit": args.limit}
     result = tjtrain.train_and_evaluate(args.config, model, data, args.out, resume=args.resume,
-                                        overwrite=args.overwrite, meta=meta,
-                                        test_subsets=subsets)
-  except (FileExistsError, ValueError) as err:
-    args.error(str(err))
-  logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
-  tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
-                 title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
-  print(f"final test accuracy: {result['test_accuracy']:.4f} (exact records "
-        f"{result['test_accuracy_exact']:.4f}; {args.model}, {args.weights}; "
-        f"{result['train_time_s']:.1f} s training, {result['train_images_per_s']:,.0f} img/s "
-        f"on {result['device']}) -> {args.out}/summary.json, report.json")
+                                        resume_from=args.resume_from, overwrite=args.overwrite,
+                                        meta=meta, test_subsets=subsets, mesh=mesh)
+    if tjdist.is_main():  # the model holds this process's own arrays again: no peers needed
+      logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
+      tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
+                     title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
+  tjdist.log(f"final test accuracy: {result['test_accuracy']:.4f} (exact records "
+             f"{result['test_accuracy_exact']:.4f}; {args.model}, {args.weights}; "
+             f"{result['train_time_s']:.1f} s training, {result['train_images_per_s']:,.0f} "
+             f"img/s on {result['devices']} × {result['device']}) -> {args.out}/summary.json, "
+             "report.json")
   return result
 
 

@@ -2,8 +2,8 @@
 their results into few files (a GPU call brings back at most 8 files).
 
   python experiments/cifar10_batch.py probe --data-dir /root/c10/bin --out $OUT
-  python experiments/cifar10_batch.py main --data-dir /root/c10/bin --out $OUT \\
-      --epochs resnet20=100 resnet18=40 vgg7=40 --limit-s 510
+  python experiments/cifar10_batch.py main1 --data-dir /root/c10/bin --out $OUT --budget-s 420
+  python experiments/cifar10_batch.py main2 ...  # after main1 on the same machine
 
 Plans are phases run one after another; the runs of a phase share the GPU as separate
 processes (XLA_PYTHON_CLIENT_PREALLOCATE=false, one persistent compilation cache, so the seeds
@@ -16,7 +16,6 @@ tail), and the confusion and confidence PNGs of the best ternary ResNet-18.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -26,9 +25,15 @@ import tarfile
 import time
 from pathlib import Path
 
+from ternjax import cli
+
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cifar10 import RECIPES  # noqa: E402
+
 CIFAR = [sys.executable, str(HERE / "cifar10.py")]
 BENCH = [sys.executable, str(HERE / "bench_train.py")]
+TRAIN_EXAMPLES = 50_000
 KEPT = ("summary.json", "metrics.jsonl", "report.json", "confusion.png", "confidence.png",
         "bench_train.json")
 
@@ -38,31 +43,66 @@ def _train(name, model, *extra, epochs=None):
 
 
 def plans() -> dict[str, list[list[tuple]]]:
-  """name -> phases -> (run name, model, argv, epochs or None: the model's --epochs)."""
+  """name -> phases -> (run name, model, argv, epochs or None: the model's --epochs).
+
+  ``{work}`` in an argument is the --work folder (``main2`` fine-tunes ``main1``'s float runs,
+  so it runs on the same machine after it).
+  """
   probe = [
       [_train(f"{m}-{w}", m, "--weights", w, epochs=2) for m in ("resnet20", "resnet18", "vgg7")
        for w in ("fp", "twn")],
       [("bench", None, [*BENCH, "--steps", "20", "--repeats", "3"], None)],
   ]
-  seeds = [_train(f"resnet20-{w}-s{s}", "resnet20", "--weights", w, "--seed", str(s))
-           for w in ("fp", "twn") for s in (0, 1, 2)]
-  main = [seeds + [
+  main1 = [[_train(f"resnet20-fp-s{s}", "resnet20", "--weights", "fp", "--seed", str(s))
+            for s in (0, 1, 2)] + [
       _train("resnet18-twn", "resnet18", "--weights", "twn"),
       _train("resnet18-fp", "resnet18", "--weights", "fp"),  # also: exact vs degraded records
+  ]]
+  main2 = [[_train(f"resnet20-twn-ft-s{s}", "resnet20", "--weights", "twn", "--seed", str(s),
+                   "--init-from", f"{{work}}/resnet20-fp-s{s}", "--lr", "0.02",
+                   "--warmup-epochs", "0", epochs=30) for s in (0, 1, 2)] + [
       _train("resnet18-twn-aternary", "resnet18", "--weights", "twn", "--activations", "ternary"),
       _train("vgg7-fp", "vgg7", "--weights", "fp"),
       _train("vgg7-twn", "vgg7", "--weights", "twn"),
   ]]
-  return {"probe": probe, "main": main}
+  return {"probe": probe, "main1": main1, "main2": main2}
 
 
-def _launch(name, model, argv, epochs, args, work: Path, env) -> tuple[str, subprocess.Popen]:
-  argv = list(argv)
+def fit_epochs(phase, args, work: Path, env) -> dict[str, int]:
+  """Per-model epochs so that the phase's summed step time fits --budget-s.
+
+  Benchmarks each (model, fp / twn) of the phase alone first (experiments/bench_train.py at the
+  recipe's batch), predicts every run's time as epochs × steps per epoch × its step time, and
+  scales the recipes' epochs by one factor (at most 1). Runs sharing the GPU overlap, so the
+  sum over-estimates the wall time of small models: the fit is conservative.
+  """
+  models = sorted({m for _, m, _, _ in phase if m})
+  out = work / "fit" / "bench_train.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  subprocess.run([*BENCH, "--models", *models, "--weights", "fp", "twn", "--steps", "20",
+                  "--repeats", "2", "--out", str(out)], env=env, check=True)
+  rows = json.loads(out.read_text())["rows"]
+  step_s = {(r["model"], r["weights"]): r["step_ms"] / 1e3 for r in rows}
+  batch = {r["model"]: r["batch"] for r in rows}
+  recipe = {m: args.epochs.get(m) or RECIPES[m].epochs for m in models}
+  cost = lambda m, argv, e: e * (TRAIN_EXAMPLES // batch[m]) * step_s[
+      (m, "fp" if argv[argv.index("--weights") + 1] == "fp" else "twn")]
+  fixed = sum(cost(m, a, e) for _, m, a, e in phase if m and e)
+  scaled = sum(cost(m, a, recipe[m]) for _, m, a, e in phase if m and not e)
+  factor = min(1.0, max(args.budget_s - fixed, 0) / scaled) if scaled else 1.0
+  fitted = {m: max(1, int(recipe[m] * factor)) for m in models}
+  print(f"fit: predicted {fixed + scaled:.0f} s of steps for budget {args.budget_s:.0f} s, "
+        f"epochs x{factor:.2f}: {fitted}", flush=True)
+  return fitted
+
+
+def _launch(name, model, argv, epochs, args, work: Path, env,
+            fitted: dict) -> tuple[str, subprocess.Popen]:
+  argv = [a.format(work=work) for a in argv]
   if model is not None:
-    epochs = epochs or args.epochs.get(model)
+    epochs = epochs or fitted.get(model) or args.epochs.get(model)
     argv += ["--data-dir", args.data_dir, "--out", str(work / name), "--overwrite"]
     argv += ["--epochs", str(epochs)] if epochs else []
-    argv += ["--dtype", "float32"] if "--activations" in argv and args.wa_float32 else []
   else:
     argv += ["--out", str(work / name / "bench_train.json")]
     (work / name).mkdir(parents=True, exist_ok=True)
@@ -78,8 +118,9 @@ def run_plan(args) -> list[dict]:
          "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache")}
   results = []
   for phase in plans()[args.plan]:
+    fitted = fit_epochs(phase, args, work, env) if args.budget_s else {}
     start = time.monotonic()
-    procs = [_launch(*run, args, work, env) for run in phase]
+    procs = [_launch(*run, args, work, env, fitted) for run in phase]
     for name, proc in procs:
       try:
         code = proc.wait(timeout=max(args.limit_s - (time.monotonic() - start), 1))
@@ -138,7 +179,8 @@ def gather(args, results: list[dict]) -> None:
                  f"| {r['train_time_s'] or 0:.0f} | {r['compile_time_s'] or 0:.0f} "
                  f"| {r['train_images_per_s'] or 0:,.0f} |")
   if bench:
-    lines += ["", "| model | weights | batch | ms/step | img/s | x float |", "|---|---|---|---|---|---|"]
+    lines += ["", "| model | weights | batch | ms/step | img/s | x float |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {b['model']} | {b['weights']} | {b['batch']} | {b['step_ms']:.2f} "
               f"| {b['images_per_s']:,.0f} | {b['vs_float'] or 1:.3f} |" for b in bench]
   (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -146,17 +188,18 @@ def gather(args, results: list[dict]) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+  p = cli.Parser(description=__doc__.splitlines()[0])
   p.add_argument("plan", choices=tuple(plans()))
-  p.add_argument("--data-dir", required=True, help="folder holding the CIFAR-10 .bin files")
+  p.add_argument("--data-dir", required=True, type=cli.existing_dir,
+                 help="folder holding the CIFAR-10 .bin files")
   p.add_argument("--out", required=True, help="where the gathered results go ($OUT)")
   p.add_argument("--work", default="/tmp/cifar10_runs", help="run directories (checkpoints)")
   p.add_argument("--epochs", nargs="*", default=[], metavar="MODEL=N",
                  help="epochs per model (else the recipe's)")
-  p.add_argument("--limit-s", type=float, default=510, help="wall-clock limit per phase")
-  p.add_argument("--wa-float32", action="store_true",
-                 help="ternary-activation runs in float32 (if bf16 ternary activations fail)")
+  p.add_argument("--limit-s", type=cli.positive_float, default=510,
+                 help="wall-clock limit per phase")
+  p.add_argument("--budget-s", type=cli.positive_float,
+                 help="fit the recipes' epochs to this many seconds of summed step time")
   args = p.parse_args(argv)
   try:
     args.epochs = {k: int(v) for k, v in (e.split("=") for e in args.epochs)}

@@ -153,7 +153,7 @@ class Backend:
   dot: Callable[..., tuple[jax.Array, ...]]
   interpret: bool
 
-  def _check_interpret(self, interpret: bool) -> None:
+  def check_interpret(self, interpret: bool) -> None:
     if interpret and not self.interpret:
       raise NotImplementedError(f"{self.name} kernels have no interpret mode (use the Pallas "
                                 "ones)")
@@ -161,7 +161,7 @@ class Backend:
   def popcount_matmul(self, xp, xn, wp, wn, *, two_sums=False, block_sizes: BlockSizes,
                       interpret=False):
     """Bitplane GEMM: int32 planes ``xp, xn: (M, Kw)`` and ``wp, wn: (Kw, N)`` -> int32 sums."""
-    self._check_interpret(interpret)
+    self.check_interpret(interpret)
     if xp.shape[1] != wp.shape[0]:
       raise ValueError(f"x and w planes disagree on K words: {xp.shape=} {wp.shape=}")
     return self.popcount(xp, xn, wp, wn, two_sums=two_sums, block_sizes=block_sizes,
@@ -169,7 +169,7 @@ class Backend:
 
   def dot_matmul(self, x, wp, wn, *, two_sums=False, block_sizes: BlockSizes, interpret=False):
     """``x: (M, K)`` (int8 or float) times the int32 planes ``wp, wn: (⌈K/32⌉, N)``."""
-    self._check_interpret(interpret)
+    self.check_interpret(interpret)
     if cdiv(x.shape[1], WORD) != wp.shape[0]:
       raise ValueError(f"x and w planes disagree on K: {x.shape=} {wp.shape=}")
     return self.dot(x, wp, wn, two_sums=two_sums, block_sizes=block_sizes, interpret=interpret)
@@ -194,6 +194,7 @@ class Backend:
 @functools.partial(jax.jit, static_argnames=("backend", "x_ternary", "block_sizes", "interpret"))
 def _matmul(backend: Backend, x, w, *, x_ternary, x_scale, w_scale, w_scale_neg, block_sizes,
             interpret):
+  backend.check_interpret(interpret)
   m, k = x.shape
   n = w.pos.shape[1]
   integer = jnp.issubdtype(x.dtype, jnp.integer)
@@ -210,7 +211,7 @@ def _matmul(backend: Backend, x, w, *, x_ternary, x_scale, w_scale, w_scale_neg,
   kwargs = dict(two_sums=w_scale_neg is not None, block_sizes=bs, interpret=interpret)
   if bs.kernel == "popcount":
     xb = packing.pack_bitplanes(x, axis=1)
-    accs = backend.popcount_matmul(as_int32(xb.pos), as_int32(xb.neg), wp, wn, **kwargs)
+    accs = backend.popcount(as_int32(xb.pos), as_int32(xb.neg), wp, wn, **kwargs)
   else:
-    accs = backend.dot_matmul(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
+    accs = backend.dot(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
   return ops.epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)

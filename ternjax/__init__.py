@@ -8,8 +8,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("convert", "data", "export", "layers", "models", "ops", "packing", "predict",
-               "quantizers", "report", "runtime_numpy", "train")
+_SUBMODULES = ("convert", "data", "distributed", "export", "layers", "models", "ops", "packing",
+               "predict", "quantizers", "report", "runtime_numpy", "train")
 _NAMES = {
     "ternjax.convert": ("Rule", "ternarize"),
     "ternjax.layers": ("QuantConfig", "Summary", "TernaryConv", "TernaryConvGeneral",

@@ -3,8 +3,10 @@
 ``load(name)`` returns a :class:`Dataset` of ``uint8`` NHWC images and ``int32`` labels.
 
 Where the files are looked for (``source='files'``), in order: ``data_dir`` (the ``--data-dir``
-flag), the ``TERNJAX_DATA`` environment variable, then ``~/.cache/ternjax``. In each of these
-roots the files may sit in the dataset's subfolder or in the root itself:
+flag), the ``TERNJAX_DATA`` environment variable, ``~/.cache/ternjax``, then the copy of MNIST
+shipped in a source checkout (``experiments/data/mnist``; a wheel install has none), so that
+MNIST works offline. In each of these roots the files may sit in the dataset's subfolder or in
+the root itself:
 
 * ``mnist/``: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (or the files uncompressed);
 * ``fashion_mnist/``: the same four names (Debian's ``dataset-fashion-mnist`` package installs
@@ -40,6 +42,7 @@ from tqdm import tqdm
 
 ENV_VAR = "TERNJAX_DATA"
 CACHE_DIR = Path("~/.cache/ternjax")
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "experiments" / "data"  # MNIST, last root
 SOURCES = ("files", "tfds")
 
 
@@ -116,9 +119,11 @@ CIFAR_RECORDS = 10_000
 
 
 def roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-  """Data roots in lookup order: ``data_dir``, ``$TERNJAX_DATA``, ``~/.cache/ternjax``."""
+  """Data roots in lookup order: ``data_dir``, ``$TERNJAX_DATA``, ``~/.cache/ternjax``, and
+  the shipped copy where the source checkout has one (never the first: downloads go there)."""
   found = [data_dir, os.environ.get(ENV_VAR) or None, CACHE_DIR]
-  return [Path(r).expanduser() for r in found if r is not None]
+  shipped = [SHIPPED_DIR] if SHIPPED_DIR.is_dir() else []
+  return [Path(r).expanduser() for r in found if r is not None] + shipped
 
 
 def _md5(data: bytes) -> str:
@@ -224,14 +229,18 @@ def _download_file(url: str, dest: Path) -> None:
   os.replace(tmp.name, dest)
 
 
-def _missing_message(name: str, data_dir, err: Exception) -> str:
+def where_to_put(name: str, data_dir=None) -> str:
+  """How to provide ``name``'s files by hand, in one line (offline errors, skipped tests)."""
   spec = SPECS[name]
   where = roots(data_dir)[0] / spec.subdir
   names = ", ".join(f.name for f in spec.files)
   source = spec.urls[0] if spec.archive_md5 else " or ".join(spec.urls)
-  return (f"{name} not found and could not be downloaded ({err}). Put {names} into {where}/ "
-          f"(from {source}), or pass --data-dir / set {ENV_VAR} to a folder that holds them "
-          f"(looked in {', '.join(str(r) for r in roots(data_dir))})")
+  return (f"Put {names} into {where}/ (from {source}), or pass --data-dir / set {ENV_VAR} to a "
+          f"folder that holds them (looked in {', '.join(str(r) for r in roots(data_dir))})")
+
+
+def _missing_message(name: str, data_dir, err: Exception) -> str:
+  return f"{name} not found and could not be downloaded ({err}). {where_to_put(name, data_dir)}"
 
 
 def download(name: str, data_dir=None) -> Path:

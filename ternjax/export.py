@@ -298,9 +298,14 @@ def _method(specs: list[dict]) -> str:
 
 
 def _checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
-      ARRAYS_ITEM: ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False),
-      METADATA_ITEM: ocp.JsonCheckpointHandler()}))
+  # The calling process alone writes or reads an export (process 0 of a multi-process run): no
+  # barriers with the other processes.
+  solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      composite_options=ocp.CompositeOptions(multiprocessing_options=solo), **{
+          ARRAYS_ITEM: ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False),
+          METADATA_ITEM: ocp.JsonCheckpointHandler()}), multiprocessing_options=solo)
 
 
 def _save_checkpoint(path: Path, arrays: dict, meta: dict) -> None:

@@ -244,22 +244,23 @@ def ternary_activation(x: jax.Array, scale: jax.Array, threshold: float = 0.5) -
   Backward: ``∂/∂x = g·[|x| ≤ s]``; with ``v = x/s``,
   ``∂/∂s = Σ g·(t − v)`` inside ``|v| ≤ 1`` and ``Σ g·sign(v)`` outside, times LSQ's gradient
   scale ``1/\sqrt{N}`` (``N`` elements per scale) which keeps the scale's step comparable to the
-  weights'.
+  weights'. The result has ``x``'s dtype (a bfloat16 layer stays bfloat16).
   """
-  return scale * ternary_activation_codes(x, scale, threshold).astype(x.dtype)
+  return _ternary_activation_fwd(x, scale, threshold)[0]
 
 
 def _ternary_activation_fwd(x, scale, threshold):
   t = ternary_activation_codes(x, scale, threshold).astype(x.dtype)
-  return scale * t, (x, scale, t)
+  return (scale.astype(x.dtype) * t), (x, scale, t)
 
 
 def _ternary_activation_bwd(threshold, res, g):
   del threshold
   x, scale, t = res
-  v = x / scale
+  v = x.astype(jnp.result_type(scale)) / scale
   inside = jnp.abs(v) <= 1
-  g_x = g * inside.astype(g.dtype)
+  g_x = (g * inside.astype(g.dtype)).astype(x.dtype)
+  g = g.astype(v.dtype)
   per_scale = x.size // max(jnp.size(scale), 1)
   g_s = jnp.where(inside, t - v, jnp.sign(v)) * g / jnp.sqrt(per_scale)
   return g_x, _sum_to_shape(g_s, jnp.shape(scale)).astype(jnp.result_type(scale))

@@ -109,16 +109,18 @@ def test_dispatch_falls_through_to_xla_on_cpu():
 def test_gpu_policy_choices():
   """The 'gpu' policy: XLA popcount for small ternary products, Pallas in between, XLA's
   int8 dot from ``kernels_max_m`` rows (ternary codes as int8); other integers unchanged."""
-  tuning = kernels.GPU_TUNING
   w = packing.pack_bitplanes(jnp.zeros((64, 8), jnp.int8), axis=0)
+  tuning = dataclasses.replace(kernels.GPU_TUNING, xla_popcount_max_mkn=4 * 64 * 8)
+
+  def choose(m, x_ternary):
+    name, x, xt = tuning.choose(jnp.zeros((m, 64), jnp.int32), w, x_ternary=x_ternary)
+    return name, x.dtype, xt
+
   big = tuning.kernels_max_m
-  choose = lambda x, x_ternary: (lambda r: (r[0], r[1].dtype, r[2]))(
-      tuning.choose(x, w, x_ternary=x_ternary))
-  assert choose(jnp.zeros((4, 64), jnp.int32), True) == ("xla", jnp.int32, True)
-  small = dataclasses.replace(tuning, xla_popcount_max_mkn=0)
-  assert small.choose(jnp.zeros((4, 64), jnp.int32), w, x_ternary=True)[0] == "pallas"
-  assert choose(jnp.zeros((big, 64), jnp.int32), False) == ("xla", jnp.int32, False)
-  assert small.choose(jnp.zeros((big, 64), jnp.int32), w, x_ternary=True)[1].dtype == jnp.int8
+  assert choose(4, True) == ("xla", jnp.int32, True)         # M·K·N up to the threshold
+  assert choose(5, True) == ("pallas", jnp.int32, True)
+  assert choose(big, True) == ("xla", jnp.int8, False)       # ternary codes as int8 codes
+  assert choose(big, False) == ("xla", jnp.int32, False)     # int32 stays int32
 
 
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernels need a GPU")

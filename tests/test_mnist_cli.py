@@ -1,5 +1,6 @@
-"""experiments/mnist.py: bad arguments exit 2 with one line; smoke runs on a subset."""
+"""experiments/mnist.py: bad input exits 2 with one line and changes no file; smoke runs."""
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -23,19 +24,44 @@ def test_bad_argument_subprocess_exit_2():
   assert proc.stderr.count("\n") == 1 and "--weights" in proc.stderr
 
 
+def _snapshot(root: Path) -> dict[str, str]:
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file()
+          else "dir" for p in sorted(root.rglob("*"))}
+
+
+def _refused(argv, capsys) -> str:
+  """Runs the CLI in-process; asserts exit status 2 and one line on stderr; returns it."""
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(argv)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+  return err
+
+
 @pytest.mark.parametrize("argv, words", [
-    (["--epochs", "0"], "epochs"),
-    (["--lr", "-1"], "lr"),
-    (["--batch-size", "0"], "batch_size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "finite positive"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "5000", "--limit", "1000"], "exceeds the 1000 training examples"),
     (["--limit", "0"], "--limit"),
+    (["--seed", "-1"], "--seed"),
     (["--model", "ternary_cnn", "--activations", "int8"], "int8"),
     (["--dataset", "cifar10"], "--dataset"),
+    (["--out", "{tmp}/file/run"], "is a file"),
+    (["--export", "{tmp}/existing"], "--overwrite"),
+    (["--export", "{tmp}/run"], "different"),
 ])
-def test_bad_arguments_one_line(argv, words, capsys, tmp_path):
-  with pytest.raises(SystemExit) as exit_:
-    cli.main(argv + ["--out", str(tmp_path / "run")])
-  err = capsys.readouterr().err
-  assert exit_.value.code == 2 and err.count("\n") == 1 and words in err
+def test_bad_arguments_one_line_nothing_written(argv, words, capsys, tmp_path):
+  """Refused with one line before anything is written (the flags every training script shares:
+  also tests/test_cli.py)."""
+  (tmp_path / "file").write_text("mine")
+  (tmp_path / "existing").mkdir()
+  before = _snapshot(tmp_path)
+  argv = [a.format(tmp=tmp_path) for a in argv]
+  err = _refused(argv + ["--out", str(tmp_path / "run")] * ("--out" not in argv), capsys)
+  assert words in err
+  assert _snapshot(tmp_path) == before
 
 
 def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys):
@@ -52,11 +78,11 @@ def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys):
                                                       ("http://127.0.0.1:9/",)))
   monkeypatch.delenv(data.ENV_VAR, raising=False)
   monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
-  with pytest.raises(SystemExit) as exit_:
-    cli.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
-  err = capsys.readouterr().err
-  assert exit_.value.code == 2 and err.count("\n") == 1
+  monkeypatch.setattr(data, "SHIPPED_DIR", tmp_path / "shipped")
+  (tmp_path / "data").mkdir()
+  err = _refused(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")], capsys)
   assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "data" / "mnist") in err
+  assert not (tmp_path / "run").exists()
 
 
 def test_smoke_mlp(tmp_path, capsys):
@@ -73,6 +99,7 @@ def test_smoke_mlp(tmp_path, capsys):
   assert json.loads((tmp_path / "run" / "summary.json").read_text())["limit"] == 1024
 
 
+@pytest.mark.needs("fashion_mnist")
 def test_smoke_ternary_cnn_fashion(tmp_path):
   result = cli.main(["--model", "ternary_cnn", "--weights", "ttq", "--fp-first-last",
                      "--dataset", "fashion_mnist", "--limit", "256", "--epochs", "1",
@@ -80,3 +107,22 @@ def test_smoke_ternary_cnn_fashion(tmp_path):
   config = json.loads((tmp_path / "run" / "config.json").read_text())
   assert config["activations"] == "ternary" and config["dataset"] == "fashion_mnist"
   assert 0 <= result["test_accuracy"] <= 1 and result["epochs"] == 1
+
+
+def test_corrupted_checkpoint_refused_then_resumed_from_previous(tmp_path, capsys):
+  """The reported case: one flipped byte in the last checkpoint. --resume refuses it with one
+  line naming it and offering epoch 1; --resume-from 1 trains epoch 2 again."""
+  run = tmp_path / "run"
+  argv = ["--limit", "256", "--epochs", "2", "--batch-size", "64", "--out", str(run)]
+  first = cli.main(argv)
+  target = max((run / "checkpoints" / "2" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+  raw = bytearray(target.read_bytes())
+  raw[len(raw) // 2] ^= 1
+  target.write_bytes(bytes(raw))
+  capsys.readouterr()
+  before = _snapshot(run)
+  err = _refused(argv + ["--resume"], capsys)
+  assert str(run / "checkpoints" / "2") in err and "--resume-from 1" in err
+  assert _snapshot(run) == before
+  again = cli.main(argv + ["--resume-from", "1"])
+  assert again["test_accuracy"] == first["test_accuracy"] and again["resumed_from_epoch"] == 1

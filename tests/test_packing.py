@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ def test_bitplanes_round_trip(shape, seed, axis_pick):
   assert not np.any(np.asarray(b.pos) & np.asarray(b.neg))
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
 def test_codes_round_trip(shape, seed, axis_pick):

@@ -21,21 +21,7 @@ from ternjax import data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "mnist.py"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs and subprocesses (test speed)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  path = str(tmp_path_factory.mktemp("jax-cache"))
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  cc.reset_cache()
-  yield
-  del os.environ["JAX_COMPILATION_CACHE_DIR"]
-  jax.config.update("jax_compilation_cache_dir", old)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +69,7 @@ def test_run_dir_never_overwritten(small, tmp_path):
   run.mkdir()
   (run / "precious.ckpt").write_text("user data")
   config = train.TrainConfig(epochs=1, batch_size=256)
-  with pytest.raises(FileExistsError, match="--resume"):
+  with pytest.raises(train.TrainError, match="--resume"):
     train.train_and_evaluate(config, _mlp(), small, run)
   assert (run / "precious.ckpt").read_text() == "user data"
   train.train_and_evaluate(config, _mlp(), small, run, overwrite=True)
@@ -158,11 +144,12 @@ def _cli(out, *extra):
 
 
 def _final_params(run, epoch):
-  tree = ocp.StandardCheckpointer().restore((run / "checkpoints" / str(epoch) / "default")
+  tree = ocp.StandardCheckpointer().restore((run / "checkpoints" / str(epoch) / "state")
                                             .absolute())
   return jax.tree.leaves(tree)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_parameters(tmp_path):
   """SIGKILL a run after epoch 2 of 4 (checkpoint 1 is final by then: a save waits for the last),
   ``--resume`` it: the final parameters equal those of an uninterrupted run bit for bit."""
