@@ -147,6 +147,7 @@ def _distance_to_ternary(model):
       layer.kernel[...])) ** 2)) for layer, quant in _quantized_layers(model))
 
 
+@pytest.mark.slow
 def test_admm_steps_reduce_loss_distance_and_penalty(small):
   """50 ADMM steps (dual updates every 5): the projected model's loss falls, W comes closer
   to ternary, and each run of W-steps between dual updates lowers the penalty (which, summed
@@ -183,6 +184,7 @@ def _leaves(model):
   return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model))]
 
 
+@pytest.mark.slow
 def test_admm_state_survives_checkpoint_and_resume(small, tmp_path):
   """A run that lost its last epoch resumes to the same parameters and ADMM state, bit for
   bit, as the uninterrupted run."""

@@ -24,6 +24,7 @@ def scripts(monkeypatch):
   return importlib.import_module("compare_methods"), importlib.import_module("sweep")
 
 
+@pytest.mark.slow
 def test_sweep_then_compare_smoke(scripts, tmp_path):
   compare, sweep = scripts
   tiny = ["--limit", "128", "--epochs", "1", "--task", "lenet5-mnist"]
