@@ -45,31 +45,30 @@ CSV_FIELDS = ("task", "method", "seed", "status", "epochs", "test_accuracy",
               "quant", "device", "workdir")
 
 
-def settings(method: str, best: dict | None) -> dict:
-  """``lr``, ``batch_size`` (None: the recipe's) and ``quant`` of a method's runs."""
-  if best and method in best:
-    found = best[method]
-    return {"lr": found.get("lr"), "batch_size": found.get("batch_size"),
-            "quant": found.get("quant", {})}
-  return {"lr": None, "batch_size": None, "quant": DEFAULTS.get(method, {})}
+def settings(method: str, best: dict | None, batch_size: int | None) -> dict:
+  """``lr``, ``batch_size`` (None: the recipe's) and ``quant`` of a method's runs: the sweep's
+  best configuration if given, else ``DEFAULTS``; ``batch_size`` overrides both."""
+  found = (best or {}).get(method, {"quant": DEFAULTS.get(method, {})})
+  return {"lr": found.get("lr"), "batch_size": batch_size or found.get("batch_size"),
+          "quant": found.get("quant", {})}
 
 
 def specs(args, best) -> list[dict]:
   work = Path(args.work)
   return [{"task": args.task, "method": m, "seed": s, "epochs": args.epochs,
            "limit": args.limit, "data_dir": args.data_dir, "overwrite": args.overwrite,
-           "workdir": str(work / f"{m}-s{s}"), **settings(m, best)}
+           "workdir": str(work / f"{m}-s{s}"), **settings(m, best, args.batch_size)}
           for s in args.seeds for m in args.methods]
 
 
-def row(spec: dict, result: dict | None) -> dict:
-  """A results.csv row (``status`` 'done', or why there is no result)."""
+def row(spec: dict, result: dict | str) -> dict:
+  """A results.csv row: ``status`` 'done', or (``result`` a string) why there is no result."""
   base = {"task": spec["task"], "method": spec["method"], "seed": spec["seed"],
           "workdir": spec["workdir"], "quant": json.dumps(spec["quant"])}
-  if result is None:
+  if isinstance(result, str):
     metrics = Path(spec["workdir"]) / "metrics.jsonl"
     done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-    return {**base, "status": f"incomplete ({done} epochs saved)"}
+    return {**base, "status": f"{result} ({done} epochs saved)"}
   deployed = result.get("export_disk_bytes", result["packed_bytes"])
   return {**base, "status": "done", "epochs": result["epochs"],
           "test_accuracy": result["test_accuracy"],
@@ -176,7 +175,8 @@ def plots(out: Path, stats: dict, all_curves: dict, title: str) -> None:
   ax.set(xscale="log", xlabel=f"deployed size, KiB ({next(iter(stats.values()))['size_source']})"
          if stats else "deployed size, KiB", ylabel="test accuracy %", title=title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if stats:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out / "accuracy_vs_size.png", dpi=120)
   plt.close(fig)
@@ -195,7 +195,8 @@ def plots(out: Path, stats: dict, all_curves: dict, title: str) -> None:
     ax.set_ylim(max(0, min(finals) - 3), min(100, max(finals) + 0.5))
   ax.set(xlabel="epoch", ylabel="test accuracy % (mean over seeds)", title=title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if finals:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out / "accuracy_over_epochs.png", dpi=120)
   plt.close(fig)
@@ -209,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   p.add_argument("--epochs", type=int, help="epochs of every run (default: the recipe's)")
   p.add_argument("--limit", type=int, help="use only the first N train and test examples")
+  p.add_argument("--batch-size", type=int, help="every run's batch size (default: the "
+                                                  "recipe's, or --best's)")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time (sharing the GPU)")
   p.add_argument("--time-limit", type=float,
                  help="seconds; then running runs are killed (rerun the command to resume)")
@@ -219,9 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--overwrite", action="store_true",
                  help="start every run again (deletes its run directory)")
   args = p.parse_args(argv)
-  if args.parallel < 1 or (args.limit is not None and args.limit < 1) or (
-      args.epochs is not None and args.epochs < 1):
-    p.error("--parallel, --limit and --epochs must be positive")
+  for name in ("parallel", "limit", "epochs", "batch_size"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
   args.best_config = None
   if args.best:
     try:
@@ -243,17 +246,16 @@ def main(argv=None) -> dict:
   runs = specs(args, args.best_config)
   results = {}
 
-  def done(spec, result, log_tail):
-    results[(spec["method"], spec["seed"])] = result
-    status = (f"{100 * result['test_accuracy']:.2f}%" if result else
-              "no result; log tail:\n" + log_tail)
+  def done(spec, result, why, log_tail):
+    results[(spec["method"], spec["seed"])] = result or why
+    status = f"{100 * result['test_accuracy']:.2f}%" if result else f"{why}; log tail:\n{log_tail}"
     print(f"{spec['method']} seed {spec['seed']}: {status}", flush=True)
 
   methods.run_all(runs, args.parallel, args.time_limit, done)
-  rows = [row(s, results.get((s["method"], s["seed"]))) for s in runs]
+  rows = [row(s, results.get((s["method"], s["seed"]), "not started")) for s in runs]
   stats = aggregate(rows, args.methods)
-  all_curves = {m: [curves(s) for s in runs if s["method"] == m and
-                    results.get((m, s["seed"]))] for m in args.methods}
+  all_curves = {m: [curves(s) for s, r in zip(runs, rows) if s["method"] == m and
+                    r["status"] == "done"] for m in args.methods}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "results.csv", "w", newline="") as f:

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -156,33 +157,46 @@ def launch(spec: dict, log: Path) -> subprocess.Popen:
 
 def run_all(specs, parallel: int, time_limit: float | None = None, on_done=None):
   """Runs ``specs`` (an iterable, consumed as places free up) as ``parallel`` concurrent
-  processes; calls ``on_done(spec, result or None, log_tail)`` as each ends. Past
+  processes; calls ``on_done(spec, result or None, why, log_tail)`` as each ends (``why``:
+  why there is no result, else None). Past
   ``time_limit`` seconds the running ones are killed and no new one starts (their
   checkpoints stay: the same command resumes them)."""
   start, running, pending = time.monotonic(), [], iter(specs)
   expired = lambda: time_limit is not None and time.monotonic() - start > time_limit
-  while True:
-    while len(running) < parallel and not expired():
-      spec = next(pending, None)
-      if spec is None:
-        break
-      log = Path(spec["workdir"]).parent / "logs" / (Path(spec["workdir"]).name + ".log")
-      running.append((spec, log, launch(spec, log)))
-    if not running:
-      return
-    time.sleep(0.2)
-    for item in list(running):
-      spec, log, proc = item
-      if proc.poll() is None and not expired():
-        continue
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-      running.remove(item)
-      path = Path(spec["workdir"]) / "result.json"
-      result = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None
-      if on_done:
-        on_done(spec, result, log.read_text(errors="replace")[-2000:])
+  # SIGTERM (e.g. from `timeout`) ends this process through the finally below, which kills
+  # the runs: none outlives the command.
+  previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+  try:
+    while True:
+      while len(running) < parallel and not expired():
+        spec = next(pending, None)
+        if spec is None:
+          break
+        log = Path(spec["workdir"]).parent / "logs" / (Path(spec["workdir"]).name + ".log")
+        running.append((spec, log, launch(spec, log)))
+      if not running:
+        return
+      time.sleep(0.2)
+      for item in list(running):
+        spec, log, proc = item
+        if proc.poll() is None and not expired():
+          continue
+        killed = proc.poll() is None
+        if killed:
+          proc.kill()
+          proc.wait()
+        running.remove(item)
+        path = Path(spec["workdir"]) / "result.json"
+        result = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None
+        why = None if result else ("killed at the time limit" if killed
+                                   else f"failed (exit {proc.returncode}, log {log})")
+        if on_done:
+          on_done(spec, result, why, log.read_text(errors="replace")[-2000:])
+  finally:
+    for _, _, proc in running:
+      proc.kill()
+      proc.wait()
+    signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -128,11 +128,11 @@ def main(argv=None) -> dict:
                "overwrite": True, "trial": trial.number,
                "workdir": str(args.work / f"{method}-t{trial.number}"), **config}
 
-  def done(spec, result, log_tail):
+  def done(spec, result, why, log_tail):
     study = studies[spec["method"]]
     if result is None:
       study.tell(spec["trial"], state=optuna.trial.TrialState.FAIL)
-      print(f"{spec['method']} trial {spec['trial']}: failed; log tail:\n{log_tail}", flush=True)
+      print(f"{spec['method']} trial {spec['trial']}: {why}; log tail:\n{log_tail}", flush=True)
     else:
       study.tell(spec["trial"], result["test_accuracy"])
       print(f"{spec['method']} trial {spec['trial']}: validation "

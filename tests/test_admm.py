@@ -1,5 +1,5 @@
-"""ADMM ternary training: the projection, the dual update, the penalty, its state in training,
-checkpoints and exports."""
+"""ADMM ternary training: the projection, the dual update, the penalty, its state in training
+and checkpoints (the export of an ADMM-trained LeNet-5: tests/test_compare.py)."""
 
 import shutil
 
@@ -12,7 +12,6 @@ from flax import nnx
 
 import ternjax as tj
 from ternjax import data, train
-from ternjax import export as ex
 from ternjax import quantizers as q
 from ternjax.layers import _quantized_layers, quant_penalty, quant_update
 
@@ -148,6 +147,7 @@ def _distance_to_ternary(model):
       layer.kernel[...])) ** 2)) for layer, quant in _quantized_layers(model))
 
 
+@pytest.mark.slow
 def test_admm_steps_reduce_loss_distance_and_penalty(small):
   """50 ADMM steps (dual updates every 5): the projected model's loss falls, W comes closer
   to ternary, and each run of W-steps between dual updates lowers the penalty (which, summed
@@ -184,6 +184,7 @@ def _leaves(model):
   return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model))]
 
 
+@pytest.mark.slow
 def test_admm_state_survives_checkpoint_and_resume(small, tmp_path):
   """A run that lost its last epoch resumes to the same parameters and ADMM state, bit for
   bit, as the uninterrupted run."""
@@ -200,22 +201,3 @@ def test_admm_state_survives_checkpoint_and_resume(small, tmp_path):
   assert summary["resumed_from_epoch"] == 1
   a, b = _leaves(full), _leaves(resumed)
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def test_export_of_an_admm_trained_lenet5(small, tmp_path):
-  config = tj.QuantConfig(weights="admm", admm_every=2)
-  model = tj.models.lenet5(config, rngs=nnx.Rngs(default=0, quant=1))
-  train.train_and_evaluate(train.TrainConfig(epochs=1, batch_size=64), model, small,
-                           tmp_path / "run")
-  model.eval()
-  path = ex.export(model, tmp_path / "export", model_name="lenet5", input_shape=(28, 28, 1),
-                   classes=10)
-  net = ex.load(path, model="lenet5")
-  assert net.metadata["method"] == "admm weights"
-  x = jnp.asarray(small.x_test[:64])
-  expected = model(train.preprocess(x))                        # eval: the projected weights
-  np.testing.assert_array_equal(np.argmax(net(x / 255), -1), np.argmax(expected, -1))
-  np.testing.assert_allclose(net(x / 255), expected, rtol=1e-3, atol=1e-3)
-  t, _ = q.ternary_fit(model.layers[9].kernel[...], per_channel=True)  # FC 1024 -> 512
-  assert net.metadata["layers"][7]["features"] == [1024, 512]
-  np.testing.assert_array_equal(tj.unpack_bitplanes(net.params["7"]["w"], jnp.int8), t)

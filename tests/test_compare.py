@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+
+import ternjax as tj
+from ternjax import data, export, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +24,7 @@ def scripts(monkeypatch):
   return importlib.import_module("compare_methods"), importlib.import_module("sweep")
 
 
+@pytest.mark.slow
 def test_sweep_then_compare_smoke(scripts, tmp_path):
   compare, sweep = scripts
   tiny = ["--limit", "128", "--epochs", "1", "--task", "lenet5-mnist"]
@@ -44,10 +51,30 @@ def test_sweep_then_compare_smoke(scripts, tmp_path):
   assert json.loads(admm["quant"]) == best["quant"] and float(admm["lr"]) == best["lr"]
   assert admm["size_source"] == "export on disk"
   assert int(admm["deployed_bytes"]) * 8 < int(rows[0]["deployed_bytes"])  # ternary export
-  assert (tmp_path / "runs" / "admm-s0" / "export" / "metadata").exists()
+  _check_admm_export(tmp_path / "runs" / "admm-s0")
   table = (out / "results.md").read_text()
   assert "| admm |" in table and "±" in table and "within 0.2 of FP" in table
   assert set(result["stats"]) == {"fp", "admm"}
+
+
+def _check_admm_export(run):
+  """The export of the ADMM-trained LeNet-5 holds the projection Π(W) of its float weights
+  (weight_codes) and predicts as the trained model in eval mode."""
+  result = json.loads((run / "result.json").read_text())
+  model = tj.models.lenet5(tj.QuantConfig(**result["quant_config"]), rngs=nnx.Rngs(0))
+  train.restore_model(run, model)
+  model.eval()
+  net = export.load(run / "export", model="lenet5")
+  assert net.metadata["method"] == "admm weights"
+  fc = model.layers[9]  # FC 1024 -> 512, the export's layer 7 (BatchNorms folded)
+  t, _ = tj.quantizers.ternary_fit(fc.kernel[...], per_channel=True)
+  np.testing.assert_array_equal(fc.quant.weight_codes(fc.kernel[...])[0], t)
+  assert net.metadata["layers"][7]["features"] == [1024, 512]
+  np.testing.assert_array_equal(tj.unpack_bitplanes(net.params["7"]["w"], jnp.int8), t)
+  x = jnp.asarray(data.load("mnist").subset(64).x_test)
+  expected = model(train.preprocess(x))
+  np.testing.assert_array_equal(np.argmax(net(x / 255), -1), np.argmax(expected, -1))
+  np.testing.assert_allclose(net(x / 255), expected, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("script,argv,words", [
@@ -60,3 +87,13 @@ def test_bad_arguments_one_line_exit_2(script, argv, words, tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *argv],
                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
   assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_time_limit_kills_runs_and_says_so(scripts, tmp_path):
+  compare, _ = scripts
+  compare.main(["--limit", "128", "--epochs", "1", "--methods", "twn", "--seeds", "0",
+                "--time-limit", "1", "--work", str(tmp_path / "runs"),
+                "--out", str(tmp_path / "out")])
+  rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+  assert [r["status"] for r in rows] == ["killed at the time limit (0 epochs saved)"]
+  assert "Runs without a result" in (tmp_path / "out" / "results.md").read_text()
