@@ -140,8 +140,9 @@ def _owners(model: nnx.Module) -> tuple[dict, dict]:
   owner = {path: path for path in modules}
   for path, m in modules.items():
     quant = tracing.ternary_quant(m)
-    for sub, s in modules.items():
-      if quant is not None and s is quant:
+    home = next((sub for sub, s in modules.items() if quant is not None and s is quant), None)
+    for sub in modules:  # the quantizer and its own modules (weight and input quantizers)
+      if home is not None and (sub == home or sub.startswith(home + "/")):
         owner[sub] = path
   params: dict[str, list] = {}
   for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):

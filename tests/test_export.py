@@ -489,19 +489,21 @@ def test_predict_cli_errors_are_one_line(mlp_export, tmp_path):
 @pytest.mark.parametrize("name", ["net", "lenet5", "residual_cnn"])
 def test_trained_models_full_test_set_fresh_process(name, tmp_path):
   """Done-when of issue 13 (briefly trained): every runtime, in a process that never imports
-  the model's code, predicts exactly what the trained model does in eval mode, on all 10,000
-  MNIST test images; the Orbax and ONNX exports keep 2-bit codes."""
+  the model's code, predicts exactly what the trained model does in eval mode, here on 2,000
+  MNIST test images (all 10,000: experiments/export_mnist.py and its committed results); the
+  Orbax and ONNX exports keep 2-bit codes."""
   import dataclasses
 
   from ternjax import data as tjdata
   from ternjax import train
   module = experiment("export_mnist")
   data = tjdata.load("mnist")
-  data = dataclasses.replace(data, x_train=data.x_train[:2048], y_train=data.y_train[:2048])
+  data = dataclasses.replace(data, x_train=data.x_train[:2048], y_train=data.y_train[:2048],
+                             x_test=data.x_test[:2000], y_test=data.y_test[:2000])
   result = module.check(name, data, tmp_path, train.TrainConfig(epochs=1, batch_size=64,
                                                                 lr=3e-3))
   for runtime in ("jax", "onnxruntime", "numpy"):
     assert result[runtime]["differing_predictions"] == 0, (runtime, result[runtime])
-  assert result["eval_accuracy"] > 0.2 and result["test_examples"] == 10000  # 32 steps
+  assert result["eval_accuracy"] > 0.2 and result["test_examples"] == 2000  # 32 steps
   assert result["size"]["bits_codes"] <= 2.05  # 2 bits, rows padded to multiples of 4
   assert result["size"]["onnx_bits_with_scales"] == result["size"]["bits_with_scales"]
