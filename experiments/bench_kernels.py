@@ -33,7 +33,8 @@ from ternjax.ops import arg_specs
 SHAPES = arg_specs.GPU_BENCH
 # Awkward shapes for the exactness check: M = 1, K not a multiple of 32, N not one of a block.
 CHECK_SHAPES = arg_specs.GPU_CHECK
-HBM_BYTES_PER_S = 3.35e12
+# Peak HBM bandwidth by device kind (datasheets): the "% of HBM" column divides by it.
+PEAK_HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 L2_ROTATION_BYTES = 200e6  # > 3x the 50 MB L2
 
 
@@ -62,6 +63,12 @@ def _sweep(m: int, k: int, n: int) -> list[BlockSizes]:
   return [B(kernel="dot", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=4)
           for bm, bn, bk, s in [(64, 64, 1, 1), (32, 64, 1, 1), (64, 32, 1, 1)]] + [
       B(kernel="popcount", block_m=16, block_n=64, block_k=1, num_warps=4)]
+
+
+def hbm_bytes_per_s() -> float:
+  """The peak HBM bandwidth of the default device (NaN for a kind not in the table)."""
+  kind = jax.devices()[0].device_kind
+  return next((v for name, v in PEAK_HBM_BYTES_PER_S.items() if name in kind), float("nan"))
 
 
 def _random(key, m, k, n, sets):
@@ -219,7 +226,7 @@ def bench(save, seed: int = 1) -> list[dict]:
       try:
         t_dev, t_mean, t_wall, names = device_time(fn, args, len(args[1]))
         row.update(us=t_dev, mean_us=t_mean, wall_us=t_wall, tops_eq=flops / t_dev / 1e6,
-                   gb_per_s=nbytes / t_dev / 1e3, hbm_frac=nbytes / t_dev / 1e-6 / HBM_BYTES_PER_S,
+                   gb_per_s=nbytes / t_dev / 1e3, hbm_frac=nbytes / t_dev / 1e-6 / hbm_bytes_per_s(),
                    bytes=nbytes, kernels=names)
       except Exception as e:  # a configuration that fails to compile or run is recorded
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")

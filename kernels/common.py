@@ -31,7 +31,7 @@ from jax import lax
 
 from ternjax import ops, packing
 
-KERNELS = ("popcount", "dot")
+KERNELS = ("popcount", "dot", "mma")
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 WORD = packing.WORD_BITS
 
@@ -52,13 +52,15 @@ def cdiv(a: int, b: int) -> int:
 class BlockSizes:
   """Which kernel runs and how it tiles ``(M, K) × (K, N)``; hashable, so a static argument."""
 
-  kernel: str = "dot"    # 'popcount' | 'dot' (see the module docstring)
-  block_m: int = 64      # rows of x per program (the dot kernel needs ≥ 16)
+  kernel: str = "dot"    # 'popcount' | 'dot' | 'mma' (see the module docstring)
+  block_m: int = 64      # rows of x per program (the dot and mma kernels need ≥ 16)
   block_n: int = 128     # columns of w per program
   block_k: int = 2       # 32-trit words of K per loop step
   split_k: int = 1       # programs along K, summed with atomic adds (integer outputs only)
   num_warps: int = 4
   num_stages: int = 3
+  w_lhs: bool = True     # mma: unpacked weights as the left operand (x^T on the right)
+  pack: bool = True      # mma: 4 int8 (2 16-bit) trits per 32-bit unpack operation
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -66,8 +68,9 @@ class BlockSizes:
     for name in ("block_m", "block_n", "block_k", "split_k", "num_warps"):
       if not _is_pow2(getattr(self, name)):
         raise ValueError(f"{name} must be a power of 2, got {getattr(self, name)=}")
-    if self.kernel == "dot" and self.block_m < 16:
-      raise ValueError(f"the dot kernel needs block_m >= 16 (tensor cores), got {self.block_m=}")
+    if self.kernel != "popcount" and self.block_m < 16:
+      raise ValueError(f"the {self.kernel} kernel needs block_m >= 16 (tensor cores), got "
+                       f"{self.block_m=}")
 
   @classmethod
   def get_default(cls, m: int, n: int, k: int, *, x_ternary: bool,
@@ -152,6 +155,7 @@ class Backend:
   popcount: Callable[..., tuple[jax.Array, ...]]
   dot: Callable[..., tuple[jax.Array, ...]]
   interpret: bool
+  mma: Callable[..., tuple[jax.Array, ...]] | None = None
 
   def check_interpret(self, interpret: bool) -> None:
     if interpret and not self.interpret:
@@ -205,13 +209,16 @@ def _matmul(backend: Backend, x, w, *, x_ternary, x_scale, w_scale, w_scale_neg,
   bs = block_sizes or GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer)
   if bs.kernel == "popcount" and not x_ternary:
     raise ValueError(f"the popcount kernel needs ternary activations (x_ternary=True), {bs=}")
-  if bs.split_k > 1 and not integer:
+  if bs.split_k > 1 and not integer and bs.kernel != "mma":
     raise ValueError(f"split_k > 1 needs integer activations (float atomics reorder), {bs=}")
+  if bs.kernel == "mma" and backend.mma is None:
+    raise NotImplementedError(f"the {backend.name} backend has no mma kernel")
   wp, wn = as_int32(w.pos), as_int32(w.neg)
   kwargs = dict(two_sums=w_scale_neg is not None, block_sizes=bs, interpret=interpret)
   if bs.kernel == "popcount":
     xb = packing.pack_bitplanes(x, axis=1)
     accs = backend.popcount(as_int32(xb.pos), as_int32(xb.neg), wp, wn, **kwargs)
   else:
-    accs = backend.dot(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
+    launch = backend.mma if bs.kernel == "mma" else backend.dot
+    accs = launch(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
   return ops.epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
