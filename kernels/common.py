@@ -59,7 +59,6 @@ class BlockSizes:
   split_k: int = 1       # programs along K, summed with atomic adds (integer outputs only)
   num_warps: int = 4
   num_stages: int = 3
-  w_lhs: bool = True     # mma: unpacked weights as the left operand (x^T on the right)
   pack: bool = True      # mma: 4 int8 (2 16-bit) trits per 32-bit unpack operation
 
   def __post_init__(self):

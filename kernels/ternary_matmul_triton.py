@@ -18,7 +18,6 @@ from triton.language.extra import libdevice
 
 from ternjax.kernels import common
 from ternjax.kernels.common import WORD, BlockSizes
-from ternjax.ops.xla import pad_to
 
 
 @triton.jit
@@ -105,7 +104,7 @@ def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr):
   ``PACK = 0``: one trit per shift, trit ``32·w + b`` at column ``32·w + b``. ``PACK = 4``
   (int8) or 2 (16-bit floats): one shift and mask give ``PACK`` trits at once, lane ``r`` of
   word ``w`` holding trits ``32/PACK·i + r`` (``i < PACK``) as the ``PACK`` values of a 32-bit
-  register, at columns ``32·w + PACK·r + i``: x must come in that order (:func:`permute_x`).
+  register, at columns ``32·w + PACK·r + i`` (the kernel permutes x's columns to match).
   """
   if PACK == 0:
     bits = tl.arange(0, 32)[None, None, :]
@@ -138,29 +137,21 @@ def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr):
 
 
 @triton.jit
-def _mma_dot(x, t, acc, W_LHS: tl.constexpr, PRECISION: tl.constexpr):
-  if W_LHS:  # weights as the left operand (registers), x^T on the right: acc is (BN, BM)
-    acc = tl.dot(t, x, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-  else:
-    acc = tl.dot(x, tl.trans(t), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-  return acc
-
-
-@triton.jit
 def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr,
-                KX: tl.constexpr, KW: tl.constexpr, SPLIT_WORDS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TWO_SUMS: tl.constexpr, ATOMIC: tl.constexpr, W_LHS: tl.constexpr,
-                PACK: tl.constexpr, PRECISION: tl.constexpr):
+                K: tl.constexpr, KW: tl.constexpr, SPLIT_WORDS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                TWO_SUMS: tl.constexpr, ATOMIC: tl.constexpr, PACK: tl.constexpr,
+                PRECISION: tl.constexpr):
+  """Transposed tiles, ``out^T (BN, BM) += t^T (BN, BK·32) · x^T (BK·32, BM)``: the unpacked
+  weights are wgmma's register operand (no shared-memory round trip) and x rows its N side,
+  which may be as small as 16."""
   rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
   cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
   k_lo = tl.program_id(2) * SPLIT_WORDS
   k_hi = tl.minimum(k_lo + SPLIT_WORDS, KW)
   row_ok, col_ok = rows < M, cols < N
   acc_type = tl.int32 if x_ptr.dtype.element_ty.is_int() else tl.float32
-  if W_LHS:
-    acc = tl.zeros((BLOCK_N, BLOCK_M), acc_type)
-  else:
-    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_type)
+  acc = tl.zeros((BLOCK_N, BLOCK_M), acc_type)
   acc_neg = tl.zeros_like(acc)
   for k0 in range(k_lo, k_hi, BLOCK_K):
     words = k0 + tl.arange(0, BLOCK_K)
@@ -169,24 +160,22 @@ def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr
     wp = tl.load(wp_ptr + w_off, mask=w_ok, other=0)
     wn = tl.load(wn_ptr + w_off, mask=w_ok, other=0)
     trits = k0 * 32 + tl.arange(0, BLOCK_K * 32)
-    t_ok = trits < tl.minimum(k_hi * 32, KX)
-    if W_LHS:
-      x = tl.load(x_ptr + rows[None, :] * KX + trits[:, None],
-                  mask=t_ok[:, None] & row_ok[None, :], other=0)
-    else:
-      x = tl.load(x_ptr + rows[:, None] * KX + trits[None, :],
-                  mask=row_ok[:, None] & t_ok[None, :], other=0)
+    t_ok = trits < tl.minimum(k_hi * 32, K)
+    x = tl.load(x_ptr + rows[None, :] * K + trits[:, None],
+                mask=t_ok[:, None] & row_ok[None, :], other=0)
+    if PACK:  # each word's 32 trits in _trits' order: row pack·r + i is trit 32/pack·i + r
+      x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_K, PACK, 32 // PACK, BLOCK_M)),
+                                (0, 2, 1, 3)), (BLOCK_K * 32, BLOCK_M))
     if TWO_SUMS:
-      acc = _mma_dot(x, _trits(wp, wn, x, PACK, False), acc, W_LHS, PRECISION)
-      acc_neg = _mma_dot(x, _trits(wn, wp, x, PACK, False), acc_neg, W_LHS, PRECISION)
+      acc = tl.dot(_trits(wp, wn, x, PACK, False), x, acc, input_precision=PRECISION,
+                   out_dtype=acc_type)
+      acc_neg = tl.dot(_trits(wn, wp, x, PACK, False), x, acc_neg, input_precision=PRECISION,
+                       out_dtype=acc_type)
     else:
-      acc = _mma_dot(x, _trits(wp, wn, x, PACK, True), acc, W_LHS, PRECISION)
-  if W_LHS:
-    offsets = rows[None, :] * N + cols[:, None]
-    mask = row_ok[None, :] & col_ok[:, None]
-  else:
-    offsets = rows[:, None] * N + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
+      acc = tl.dot(_trits(wp, wn, x, PACK, True), x, acc, input_precision=PRECISION,
+                   out_dtype=acc_type)
+  offsets = rows[None, :] * N + cols[:, None]
+  mask = row_ok[None, :] & col_ok[:, None]
   if not ATOMIC:  # float split-K: one partial sum per K range, added by XLA
     out_ptr += tl.program_id(2) * (2 if TWO_SUMS else 1) * M * N
   _store(out_ptr + offsets, acc, mask, ATOMIC)
@@ -238,24 +227,14 @@ def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
                  bs=block_sizes, PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 
-def permute_x(x, kw: int, pack: int):
-  """``x`` zero-padded to ``32·kw`` columns, each word's 32 in the order of :func:`_trits`'
-  ``PACK`` trits per lane: column ``32·w + pack·r + i`` holds trit ``32·w + 32/pack·i + r``."""
-  m = x.shape[0]
-  x = pad_to(x, (m, kw * WORD)).reshape(m, kw, pack, WORD // pack)
-  return jnp.swapaxes(x, 2, 3).reshape(m, kw * WORD)
-
-
 def _mma(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   del interpret  # Backend refuses it
   (m, k), (kw, n) = x.shape, wp.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   pack = (4 if integer else 2 if x.dtype.itemsize == 2 else 0) if block_sizes.pack else 0
-  if pack:
-    x, k = permute_x(x, kw, pack), kw * WORD
-  return _launch(_mma_kernel, (x, wp, wn), dict(m=m, n=n, kx=k, kw=kw), m=m, n=n, kw=kw,
+  return _launch(_mma_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
-                 bs=block_sizes, partials=not integer, static=True, W_LHS=block_sizes.w_lhs, PACK=pack,
+                 bs=block_sizes, partials=not integer, static=True, PACK=pack,
                  PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 
