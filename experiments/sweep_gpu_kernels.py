@@ -20,9 +20,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from bench_kernels import L2_ROTATION_BYTES, device_time, hbm_bytes_per_s
 from jax import lax
 
-from bench_kernels import L2_ROTATION_BYTES, device_time, hbm_bytes_per_s
 from ternjax import ops, packing
 from ternjax.kernels import BlockSizes, ternary_matmul_triton
 
@@ -38,12 +38,13 @@ def configs(m: int) -> list[BlockSizes]:
                                                   block_k=bk, split_k=s, num_warps=nw,
                                                   num_stages=st, **kw)
   if m <= 16:
-    return [mma(16, 64, 4, 4), mma(16, 128, 4, 4), mma(16, 64, 8, 4), mma(16, 64, 8, 2),
-            mma(16, 64, 16, 2), mma(16, 64, 8, 4, st=4), mma(16, 64, 8, 1), mma(16, 64, 16, 1, st=4)]
+    return [mma(16, 64, 4, 4), mma(16, 64, 4, 8), mma(16, 128, 4, 4), mma(16, 128, 4, 2),
+            mma(16, 64, 8, 4), mma(16, 128, 8, 2), mma(16, 64, 2, 8), mma(16, 64, 4, 4, st=4),
+            mma(16, 64, 4, 4, pack=False)]
   if m <= 256:
-    return [mma(64, 64, 4, 1), mma(128, 64, 4, 1), mma(256, 64, 4, 2, 8), mma(64, 64, 8, 1),
-            mma(64, 64, 4, 1, 4, 4), mma(128, 128, 4, 2, 8)]
-  return [mma(128, 128, 4, 1, 8), mma(256, 64, 4, 1, 8)]
+    return [mma(64, 128, 4, 1, 8), mma(64, 128, 4, 2, 8), mma(128, 128, 4, 1, 8),
+            mma(128, 128, 4, 2, 8), mma(32, 128, 4, 2), mma(64, 64, 4, 1)]
+  return [mma(128, 128, 4, 1, 8), mma(64, 128, 4, 1, 8)]
 
 
 def _ints(key, shape, lo, hi):

@@ -1,10 +1,15 @@
 """Ternary matmul as raw Triton kernels called through ``jax_triton.triton_call`` (GPU only).
 
-The two kernels of :mod:`ternjax.kernels.common`, written against Triton directly: masked
-loads handle every shape without padding copies, and popcount is libdevice's ``popc``.
-Outputs are one int32/float32 array of shape ``(1 or 2, M, N)`` (two accumulators for
-asymmetric scales), zeroed by jax-triton when ``split_k > 1`` adds partial sums atomically.
+The kernels of :mod:`ternjax.kernels.common`, written against Triton directly: masked loads
+handle every shape without padding copies, and popcount is libdevice's ``popc``. Outputs are
+one int32/float32 array of shape ``(1 or 2, M, N)`` (two accumulators for asymmetric scales),
+zeroed by jax-triton when ``split_k > 1`` adds partial sums atomically (float ``mma`` sums are
+written per K range and added by XLA instead, so that they do not depend on atomic order).
 Pointer offsets are int32: operands up to 2³¹ elements.
+
+``mma`` is the Hopper kernel: the 2-bit weight planes are expanded in registers, four int8
+(two bf16/f16) trits per 32-bit shift-and-mask, straight into the register operand of wgmma;
+the shapes are compile-time constants, so the loads are vectorized and software-pipelined.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from triton.language.extra import libdevice
 
 from ternjax.kernels import common
 from ternjax.kernels.common import WORD, BlockSizes
+from ternjax.ops.xla import pad_to
 
 
 @triton.jit
@@ -104,7 +110,7 @@ def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr):
   ``PACK = 0``: one trit per shift, trit ``32·w + b`` at column ``32·w + b``. ``PACK = 4``
   (int8) or 2 (16-bit floats): one shift and mask give ``PACK`` trits at once, lane ``r`` of
   word ``w`` holding trits ``32/PACK·i + r`` (``i < PACK``) as the ``PACK`` values of a 32-bit
-  register, at columns ``32·w + PACK·r + i`` (the kernel permutes x's columns to match).
+  register, at columns ``32·w + PACK·r + i``: x comes in that order (:func:`permute_x`).
   """
   if PACK == 0:
     bits = tl.arange(0, 32)[None, None, :]
@@ -163,9 +169,6 @@ def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr
     t_ok = trits < tl.minimum(k_hi * 32, K)
     x = tl.load(x_ptr + rows[None, :] * K + trits[:, None],
                 mask=t_ok[:, None] & row_ok[None, :], other=0)
-    if PACK:  # each word's 32 trits in _trits' order: row pack·r + i is trit 32/pack·i + r
-      x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_K, PACK, 32 // PACK, BLOCK_M)),
-                                (0, 2, 1, 3)), (BLOCK_K * 32, BLOCK_M))
     if TWO_SUMS:
       acc = tl.dot(_trits(wp, wn, x, PACK, False), x, acc, input_precision=PRECISION,
                    out_dtype=acc_type)
@@ -227,11 +230,23 @@ def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
                  bs=block_sizes, PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 
+def permute_x(x, kw: int, pack: int):
+  """``x`` zero-padded to ``32·kw`` columns, each word's 32 in the order of :func:`_trits`'
+  ``pack`` trits per lane: column ``32·w + pack·r + i`` holds trit ``32·w + 32/pack·i + r``.
+  (One XLA transpose: measured faster than permuting in the kernel, run 2 of
+  experiments/results/sweep_gpu_kernels_h200.md.)"""
+  m = x.shape[0]
+  x = pad_to(x, (m, kw * WORD)).reshape(m, kw, pack, WORD // pack)
+  return jnp.swapaxes(x, 2, 3).reshape(m, kw * WORD)
+
+
 def _mma(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   del interpret  # Backend refuses it
   (m, k), (kw, n) = x.shape, wp.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   pack = (4 if integer else 2 if x.dtype.itemsize == 2 else 0) if block_sizes.pack else 0
+  if pack:
+    x, k = permute_x(x, kw, pack), kw * WORD
   return _launch(_mma_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
                  bs=block_sizes, partials=not integer, static=True, PACK=pack,
