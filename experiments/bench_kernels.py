@@ -8,7 +8,7 @@ come from HBM, not from the 50 MB L2. Prints a table and writes JSON.
 
   python experiments/bench_kernels.py --out experiments/results/bench_kernels.json
 
-Device and numbers: experiments/results/bench_kernels.md.
+Device and numbers: experiments/results/bench_kernels_h200.log (H200), bench_kernels.md (H100).
 """
 
 from __future__ import annotations

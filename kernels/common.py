@@ -167,12 +167,13 @@ def as_int32(words: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """One kernel backend: its two launches and what they share (checks, operands, epilogue).
+  """One kernel backend: its launches and what they share (checks, operands, epilogue).
 
   ``popcount(xp, xn, wp, wn, *, two_sums, block_sizes, interpret)`` and ``dot(x, wp, wn, ...)``
   take int32 planes whose shapes agree and return a tuple of accumulators for
-  :func:`ternjax.ops.epilogue`. ``interpret``: whether they run off a GPU with
-  ``interpret=True``.
+  :func:`ternjax.ops.epilogue`; ``mma(x, wp, wn, ...)``, where the backend has it, is the
+  Hopper kernel of the same signature as ``dot``. ``interpret``: whether they run off a GPU
+  with ``interpret=True``.
   """
 
   name: str
