@@ -8,12 +8,13 @@ come from HBM, not from the 50 MB L2. Prints a table and writes JSON.
 
   python experiments/bench_kernels.py --out experiments/results/bench_kernels.json
 
-Device and numbers: experiments/results/bench_kernels.md.
+Device and numbers: experiments/results/bench_kernels_h200.log (H200), bench_kernels.md (H100).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -33,8 +34,10 @@ from ternjax.ops import arg_specs
 SHAPES = arg_specs.GPU_BENCH
 # Awkward shapes for the exactness check: M = 1, K not a multiple of 32, N not one of a block.
 CHECK_SHAPES = arg_specs.GPU_CHECK
-HBM_BYTES_PER_S = 3.35e12
+# Peak HBM bandwidth by device kind (datasheets): the "% of HBM" column divides by it.
+PEAK_HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 L2_ROTATION_BYTES = 200e6  # > 3x the 50 MB L2
+OUT_BYTES_MAX = 2e9  # int32 outputs of one timed call (ResNet layers: few weight sets)
 
 
 def _sweep(m: int, k: int, n: int) -> list[BlockSizes]:
@@ -62,6 +65,12 @@ def _sweep(m: int, k: int, n: int) -> list[BlockSizes]:
   return [B(kernel="dot", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=4)
           for bm, bn, bk, s in [(64, 64, 1, 1), (32, 64, 1, 1), (64, 32, 1, 1)]] + [
       B(kernel="popcount", block_m=16, block_n=64, block_k=1, num_warps=4)]
+
+
+def hbm_bytes_per_s() -> float:
+  """The peak HBM bandwidth of the default device (NaN for a kind not in the table)."""
+  kind = jax.devices()[0].device_kind
+  return next((v for name, v in PEAK_HBM_BYTES_PER_S.items() if name in kind), float("nan"))
 
 
 def _random(key, m, k, n, sets):
@@ -111,24 +120,29 @@ def _backends():
   return [(backend.name, backend) for backend in kernels.BACKENDS]
 
 
-def _variants(m, k, n):
-  """(label, kind, fn(x, w), bytes moved) for every timed implementation of a shape."""
+def _variants(m, k, n, sweep: bool = False):
+  """(label, block sizes, activation, fn(x, w), bytes moved) for every timed implementation
+  of a shape: each backend's default for ternary, int8 (W2A8) and bf16 (W2A16) activations
+  (with ``sweep``, also the tiles of :func:`_sweep`), and the dispatch."""
   out = []
   kw = cdiv(k, 32)
   packed_w = 2 * 4 * kw * n
+  x_bytes = {"ternary": m * k, "int8": m * k, "bf16": 2 * m * k}
   for backend, module in _backends():
-    default = BlockSizes.get_default(m, n, k, x_ternary=True)
-    for bs in [default] + [b for b in _sweep(m, k, n) if b != default]:
-      x_bytes = 2 * 4 * m * kw if bs.kernel == "popcount" else m * k
+    default = BlockSizes.get_default(m, n, k, x_ternary=True, mma=module.mma is not None)
+    for bs in [default] + ([b for b in _sweep(m, k, n) if b != default] if sweep else []):
+      xb = 2 * 4 * m * kw if bs.kernel == "popcount" else m * k
       label = f"{backend}:{bs.kernel}" + (" (default)" if bs == default else "")
-      out.append((label, bs, lambda x, w, bs=bs, module=module: module.ternary_matmul(
-          x, w, x_ternary=True, block_sizes=bs), x_bytes + packed_w + 4 * m * n))
-    out.append((f"{backend}:dot W2A8 int8 x", None,
-                lambda x, w, module=module: module.ternary_matmul(x, w),
-                m * k + packed_w + 4 * m * n))
-  out.append(("ops.ternary_matmul (gpu dispatch)", None,
-              lambda x, w: ops.ternary_matmul(x, w, x_ternary=True),
-              m * k + packed_w + 4 * m * n))
+      out.append((label, bs, "ternary", lambda x, w, bs=bs, module=module: module.ternary_matmul(
+          x, w, x_ternary=True, block_sizes=bs), xb + packed_w + 4 * m * n))
+    for act, name in (("int8", "W2A8 int8 x"), ("bf16", "W2A16 bf16 x")):
+      out.append((f"{backend}:{name}", None, act,
+                  lambda x, w, module=module: module.ternary_matmul(x, w),
+                  x_bytes[act] + packed_w + 4 * m * n))
+  for act in ("ternary", "int8", "bf16"):
+    out.append((f"ops.ternary_matmul {act} (gpu dispatch)", None, act,
+                lambda x, w, t=act == "ternary": ops.ternary_matmul(x, w, x_ternary=t),
+                x_bytes[act] + packed_w + 4 * m * n))
   return out
 
 
@@ -140,17 +154,18 @@ def check(seed: int = 0) -> list[str]:
   """Bit-exactness against the XLA reference, on fresh random inputs.
 
   Awkward shapes: both backends' defaults and one split-K configuration of each kernel, for
-  ternary, ternary with TTQ scales and int8 activations (bf16: to float tolerance). Benchmark
-  shapes: every timed configuration on ternary activations.
+  ternary, ternary with TTQ scales and int8 activations (bf16: to float tolerance). The first
+  four benchmark shapes: every timed configuration on ternary activations.
   """
   failures = []
   key = jax.random.key(seed)
   split = [BlockSizes(kernel="popcount", block_m=4, block_n=64, block_k=2, split_k=4),
-           BlockSizes(kernel="dot", block_m=16, block_n=64, block_k=1, split_k=4)]
+           BlockSizes(kernel="dot", block_m=16, block_n=64, block_k=1, split_k=4),
+           BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=1, split_k=4)]
   jobs = [(s, None, True) for s in CHECK_SHAPES] + [(s, b, True) for s in CHECK_SHAPES
                                                      for b in split]
-  jobs += [(s, b, False) for s in SHAPES
-           for label, b, _, _ in _variants(*s) if b is not None and "pallas" in label]
+  jobs += [(s, b, False) for s in SHAPES[:4] for _, b, _, _, _ in _variants(*s)
+           if b is not None]
   for (m, k, n), bs, full in jobs:
     key, kx, ks, k8 = jax.random.split(key, 4)
     x, (t,) = _random(kx, m, k, n, 1)
@@ -160,6 +175,8 @@ def check(seed: int = 0) -> list[str]:
     else:  # the same integers, from XLA's int8 dot (the popcount reference is slow at 4096³)
       ref = lax.dot_general(x, t, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     for backend, module in _backends():
+      if bs is not None and bs.kernel == "mma" and module.mma is None:
+        continue
       got = {"ternary": (module.ternary_matmul(x, w, x_ternary=True, block_sizes=bs), ref)}
       if full:
         ws, wsn = jax.random.uniform(ks, (2, n))
@@ -167,10 +184,12 @@ def check(seed: int = 0) -> list[str]:
         got["ttq"] = (module.ternary_matmul(x, w, x_ternary=True, w_scale=ws, w_scale_neg=wsn,
                                             block_sizes=bs),
                       ops.xla_matmul(x, w, x_ternary=True, w_scale=ws, w_scale_neg=wsn))
-        if bs is None or bs.kernel == "dot":
+        if bs is None or bs.kernel != "popcount":
           got["int8"] = (module.ternary_matmul(x8, w, block_sizes=bs), ops.xla_matmul(x8, w))
           xf = jax.random.normal(k8, (m, k), jnp.bfloat16)
-          out, want = module.ternary_matmul(xf, w), ops.xla_matmul(xf, w)
+          out = module.ternary_matmul(
+              xf, w, block_sizes=bs if bs is not None and bs.kernel == "mma" else None)
+          want = ops.xla_matmul(xf, w)
           err = float(jnp.max(jnp.abs(out - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1))
           if not err < 1e-5:
             failures.append(f"{(m, k, n)} {backend} bf16 rel. error {err:.2e}")
@@ -185,7 +204,7 @@ def check(seed: int = 0) -> list[str]:
   return failures
 
 
-def bench(save, seed: int = 1) -> list[dict]:
+def bench(save, seed: int = 1, sweep: bool = False) -> list[dict]:
   """Times every implementation on every shape; ``save(rows)`` after each shape."""
   rows = []
   key = jax.random.key(seed)
@@ -193,34 +212,36 @@ def bench(save, seed: int = 1) -> list[dict]:
     sets = int(min(64, max(4, L2_ROTATION_BYTES // (k * n * 2))))  # bf16 weights rotate L2
     if m * k * n >= 2**36:
       sets = 4  # compute-bound: a few ops are enough
-    key, sub = jax.random.split(key)
+    sets = max(1, min(sets, int(OUT_BYTES_MAX // (4 * m * n))))  # large activations: few
+    key, sub, kf = jax.random.split(key, 3)
     x, ts = _random(sub, m, k, n, sets)
+    xs = {"ternary": x, "int8": jax.random.randint(sub, (m, k), -127, 128, jnp.int8),
+          "bf16": jax.random.normal(kf, (m, k), jnp.bfloat16)}
     ws = [packing.pack_bitplanes(t, axis=0) for t in ts]
     w_bf16 = [t.astype(jnp.bfloat16) for t in ts]
     flops = 2 * m * n * k
     timed = []
-    for label, bs, fn, nbytes in _variants(m, k, n):
-      timed.append((label, bs, jax.jit(lambda x, ws, fn=fn: [fn(x, w) for w in ws]), (x, ws),
-                    nbytes))
-    x8 = x.astype(jnp.int8)
+    for label, bs, act, fn, nbytes in _variants(m, k, n, sweep):
+      timed.append((label, bs, jax.jit(lambda x, ws, fn=fn: [fn(x, w) for w in ws]),
+                    (xs[act], ws), nbytes))
     timed.append(("xla: int8 dot", None, jax.jit(lambda x, ws: [lax.dot_general(
         x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32) for w in ws]),
-                  (x8, ts), m * k + k * n + 4 * m * n))
+                  (xs["int8"], ts), m * k + k * n + 4 * m * n))
     timed.append(("xla: bf16 dot", None, jax.jit(lambda x, ws: [lax.dot_general(
         x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32) for w in ws]),
-                  (x.astype(jnp.bfloat16), w_bf16), 2 * m * k + 2 * k * n + 4 * m * n))
+                  (xs["bf16"], w_bf16), 2 * m * k + 2 * k * n + 4 * m * n))
     timed.append(("xla: unpack + int8 dot", None, jax.jit(lambda x, ws: [ops.xla_matmul(
-        x, w) for w in ws]), (x8, ws), m * k + 8 * cdiv(k, 32) * n + 4 * m * n))
-    timed.append(("xla: ternary_matmul", None, jax.jit(lambda x, ws: [ops.ternary_matmul(
-        x, w, x_ternary=True, implementation="xla") for w in ws]), (x, ws),
-                  m * k + 8 * cdiv(k, 32) * n + 4 * m * n))
+        x, w) for w in ws]), (xs["int8"], ws), m * k + 8 * cdiv(k, 32) * n + 4 * m * n))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # compiles in parallel
+      for _, _, fn, args, _ in timed:
+        pool.submit(lambda fn, args: fn.lower(*args).compile(), fn, args)
     for label, bs, fn, args, nbytes in timed:
       row = dict(m=m, k=k, n=n, impl=label, block_sizes=dataclasses.asdict(bs) if bs else None)
       try:
         t_dev, t_mean, t_wall, names = device_time(fn, args, len(args[1]))
         row.update(us=t_dev, mean_us=t_mean, wall_us=t_wall, tops_eq=flops / t_dev / 1e6,
-                   gb_per_s=nbytes / t_dev / 1e3, hbm_frac=nbytes / t_dev / 1e-6 / HBM_BYTES_PER_S,
-                   bytes=nbytes, kernels=names)
+                   gb_per_s=nbytes / t_dev / 1e3, bytes=nbytes, kernels=names,
+                   hbm_frac=nbytes / t_dev / 1e-6 / hbm_bytes_per_s())
       except Exception as e:  # a configuration that fails to compile or run is recorded
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
       rows.append(row)
@@ -245,6 +266,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="bench_kernels.json", help="JSON file for the rows")
   p.add_argument("--check-only", action="store_true", help="only the bit-exactness check")
+  p.add_argument("--sweep", action="store_true",
+                 help="also time the popcount/dot tiles of _sweep (mma: sweep_gpu_kernels.py)")
   args = p.parse_args(argv)
   if jax.default_backend() != "gpu":
     p.error(f"needs a GPU (default backend: {jax.default_backend()})")
@@ -256,9 +279,10 @@ def main(argv=None):
   def save(rows):
     with open(args.out, "w") as f:
       json.dump(dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                     hbm_peak_bytes_per_s=hbm_bytes_per_s(),
                      command=" ".join(sys.argv), check_failures=failures, rows=rows), f, indent=1)
 
-  rows = bench(save)
+  rows = bench(save, sweep=args.sweep)
   print(f"\n{'shape':16s} {'impl':30s} {'device µs':>10s} {'wall µs':>10s} {'mean µs':>9s} "
         f"{'TOPS-eq':>8s} "
         f"{'GB/s':>8s} {'HBM':>7s}  config")

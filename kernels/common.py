@@ -1,6 +1,6 @@
 """What the Pallas and jax-triton ternary matmul kernels share: tiling, operands, epilogue.
 
-Two kernels compute the same integers as :func:`ternjax.ops.xla_matmul`:
+The kernels compute the same integers as :func:`ternjax.ops.xla_matmul`:
 
 ============  ===============================================  ================================
 kernel        inner loop (per 32-trit word of K)               good for
@@ -9,6 +9,9 @@ popcount      ``popc(x₊&w₊ | x₋&w₋) − popc(x₊&w₋ | x₋&w₊)``   
               on bitplanes, CUDA cores
 dot           weight planes unpacked to int8 (or to x's float  larger M (tensor cores), int8
               dtype), tensor-core dot                          or float activations
+mma           (jax-triton only) 4 int8 / 2 bf16 trits per      Hopper, M up to a few hundred:
+              32-bit op into wgmma's register operand,         W2A8 (int8 or ternary codes)
+              transposed tiles (x rows on wgmma's N side)      and W2A16 (bf16)
 ============  ===============================================  ================================
 
 Both accumulate in int32 (float32 for float activations) and leave the scales to
@@ -31,7 +34,7 @@ from jax import lax
 
 from ternjax import ops, packing
 
-KERNELS = ("popcount", "dot")
+KERNELS = ("popcount", "dot", "mma")
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 WORD = packing.WORD_BITS
 
@@ -52,13 +55,14 @@ def cdiv(a: int, b: int) -> int:
 class BlockSizes:
   """Which kernel runs and how it tiles ``(M, K) × (K, N)``; hashable, so a static argument."""
 
-  kernel: str = "dot"    # 'popcount' | 'dot' (see the module docstring)
-  block_m: int = 64      # rows of x per program (the dot kernel needs ≥ 16)
+  kernel: str = "dot"    # 'popcount' | 'dot' | 'mma' (see the module docstring)
+  block_m: int = 64      # rows of x per program (the dot and mma kernels need ≥ 16)
   block_n: int = 128     # columns of w per program
   block_k: int = 2       # 32-trit words of K per loop step
   split_k: int = 1       # programs along K, summed with atomic adds (integer outputs only)
   num_warps: int = 4
   num_stages: int = 3
+  pack: bool = True      # mma: 4 int8 (2 16-bit) trits per 32-bit unpack operation
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -66,25 +70,30 @@ class BlockSizes:
     for name in ("block_m", "block_n", "block_k", "split_k", "num_warps"):
       if not _is_pow2(getattr(self, name)):
         raise ValueError(f"{name} must be a power of 2, got {getattr(self, name)=}")
-    if self.kernel == "dot" and self.block_m < 16:
-      raise ValueError(f"the dot kernel needs block_m >= 16 (tensor cores), got {self.block_m=}")
+    if self.kernel != "popcount" and self.block_m < 16:
+      raise ValueError(f"the {self.kernel} kernel needs block_m >= 16 (tensor cores), got "
+                       f"{self.block_m=}")
 
   @classmethod
-  def get_default(cls, m: int, n: int, k: int, *, x_ternary: bool,
-                  integer: bool = True) -> BlockSizes:
+  def get_default(cls, m: int, n: int, k: int, *, x_ternary: bool, integer: bool = True,
+                  mma: bool = False) -> BlockSizes:
     """The configuration :data:`GPU_TUNING` gives the shape (:meth:`GpuTuning.block_sizes`)."""
-    return GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer)
+    return GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer, mma=mma)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GpuTuning:
-  """The GPU choices, measured on an H100 (experiments/results/bench_kernels.md).
+  """The GPU choices, measured on an H200 (experiments/results/sweep_gpu_kernels_h200.md;
+  the Pallas tiles on an H100, bench_kernels.md).
 
   Implementation (the ``'gpu'`` policy, :meth:`choose`): ternary ``x`` up to
   ``xla_popcount_max_mkn = M·K·N`` runs XLA's fused popcount (the kernels' split-K reduction
   and launch cost more than the work); from ``kernels_max_m`` rows XLA's unpack + cuBLAS int8
-  dot; the Pallas kernels in between. Tiles (:meth:`block_sizes`): the popcount kernel for
-  ternary ``x`` up to ``popcount_max_m`` rows, else the tensor-core dot, ``block_m = 16`` up to
+  dot (float ``x``: XLA's dot of unpacked weights); the kernels in between: jax-triton's
+  ``mma`` where jax-triton is installed (ternary ``x`` as int8 codes), else Pallas.
+  Tiles (:meth:`block_sizes`): ``mma`` with 16-row tiles and ``mma_small_split`` K splits up
+  to ``mma_small_m`` rows, wider tiles above; without it the popcount kernel for ternary ``x``
+  up to ``popcount_max_m`` rows, else the tensor-core dot, ``block_m = 16`` up to
   ``dot_small_m`` rows and wider tiles above ``dot_wide_m``; K is split while there are fewer
   than ``split_k_programs`` programs (about two per SM) and each split keeps
   ``split_k_min_steps`` loop steps.
@@ -97,11 +106,15 @@ class GpuTuning:
   dot_wide_m: int = 256
   split_k_programs: int = 256
   split_k_min_steps: int = 4
+  mma_small_m: int = 16
+  mma_small_split: int = 4
 
-  def block_sizes(self, m: int, n: int, k: int, *, x_ternary: bool,
-                  integer: bool = True) -> BlockSizes:
-    """The fastest measured configuration for the shape; ``integer=False`` (float
-    activations) keeps ``split_k = 1``."""
+  def block_sizes(self, m: int, n: int, k: int, *, x_ternary: bool, integer: bool = True,
+                  mma: bool = False) -> BlockSizes:
+    """The fastest measured configuration for the shape; ``mma``: the backend has the mma
+    kernel; ``integer=False`` (float activations) keeps ``split_k = 1`` outside it."""
+    if mma:
+      return self._mma_block_sizes(m, integer)
     kw = cdiv(k, WORD)
     if x_ternary and m <= self.popcount_max_m:
       kernel, block_m, block_n, block_k = "popcount", next_pow2(m), 128, 4
@@ -119,14 +132,28 @@ class GpuTuning:
     return BlockSizes(kernel=kernel, block_m=block_m, block_n=block_n, block_k=block_k,
                       split_k=split_k, num_warps=num_warps)
 
+  def _mma_block_sizes(self, m: int, integer: bool) -> BlockSizes:
+    if m <= self.mma_small_m:  # int8: 16x64 tiles of 8 words; bf16: 16x128 of 4 words
+      return BlockSizes(kernel="mma", block_m=16, block_n=64 if integer else 128,
+                        block_k=8 if integer else 4, split_k=self.mma_small_split)
+    if integer:  # 64x64 tiles measured best at M = 256 (more programs than 128-wide ones)
+      return BlockSizes(kernel="mma", block_m=min(64, next_pow2(m)), block_n=64, block_k=4)
+    return BlockSizes(kernel="mma", block_m=min(128, next_pow2(m)), block_n=128, block_k=4,
+                      split_k=2, num_warps=8)
+
   def choose(self, x: jax.Array, w: packing.Bitplanes, *, x_ternary: bool):
-    """``(implementation, x, x_ternary)`` for the shape: ternary codes go to XLA's int8 dot
+    """``(implementation, x, x_ternary)`` for the shape: ternary codes go to the int8 dots
     as int8 codes."""
     m, k = x.shape
     if x_ternary and m * k * w.pos.shape[1] <= self.xla_popcount_max_mkn:
       return "xla", x, True
-    if m >= self.kernels_max_m or "pallas" not in ops.IMPLEMENTATIONS:
-      return "xla", x.astype(jnp.int8) if x_ternary else x, False
+    codes = x.astype(jnp.int8) if x_ternary else x
+    if m >= self.kernels_max_m:
+      return "xla", codes, False
+    if "triton" in ops.IMPLEMENTATIONS and x.dtype != jnp.float32:  # mma: int8 and 16-bit
+      return "triton", codes, False
+    if "pallas" not in ops.IMPLEMENTATIONS:
+      return "xla", codes, False
     return "pallas", x, x_ternary
 
 
@@ -140,18 +167,20 @@ def as_int32(words: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """One kernel backend: its two launches and what they share (checks, operands, epilogue).
+  """One kernel backend: its launches and what they share (checks, operands, epilogue).
 
   ``popcount(xp, xn, wp, wn, *, two_sums, block_sizes, interpret)`` and ``dot(x, wp, wn, ...)``
   take int32 planes whose shapes agree and return a tuple of accumulators for
-  :func:`ternjax.ops.epilogue`. ``interpret``: whether they run off a GPU with
-  ``interpret=True``.
+  :func:`ternjax.ops.epilogue`; ``mma(x, wp, wn, ...)``, where the backend has it, is the
+  Hopper kernel of the same signature as ``dot``. ``interpret``: whether they run off a GPU
+  with ``interpret=True``.
   """
 
   name: str
   popcount: Callable[..., tuple[jax.Array, ...]]
   dot: Callable[..., tuple[jax.Array, ...]]
   interpret: bool
+  mma: Callable[..., tuple[jax.Array, ...]] | None = None
 
   def check_interpret(self, interpret: bool) -> None:
     if interpret and not self.interpret:
@@ -202,16 +231,20 @@ def _matmul(backend: Backend, x, w, *, x_ternary, x_scale, w_scale, w_scale_neg,
     raise NotImplementedError(f"integer activations must be int8 codes, got {x.dtype=}")
   if not integer and x.dtype not in FLOAT_DTYPES:
     raise NotImplementedError(f"float activations must be f32, bf16 or f16, got {x.dtype=}")
-  bs = block_sizes or GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer)
+  bs = block_sizes or GPU_TUNING.block_sizes(m, n, k, x_ternary=x_ternary, integer=integer,
+                                             mma=backend.mma is not None)
   if bs.kernel == "popcount" and not x_ternary:
     raise ValueError(f"the popcount kernel needs ternary activations (x_ternary=True), {bs=}")
-  if bs.split_k > 1 and not integer:
+  if bs.split_k > 1 and not integer and bs.kernel != "mma":
     raise ValueError(f"split_k > 1 needs integer activations (float atomics reorder), {bs=}")
+  if bs.kernel == "mma" and backend.mma is None:
+    raise NotImplementedError(f"the {backend.name} backend has no mma kernel")
   wp, wn = as_int32(w.pos), as_int32(w.neg)
   kwargs = dict(two_sums=w_scale_neg is not None, block_sizes=bs, interpret=interpret)
   if bs.kernel == "popcount":
     xb = packing.pack_bitplanes(x, axis=1)
     accs = backend.popcount(as_int32(xb.pos), as_int32(xb.neg), wp, wn, **kwargs)
   else:
-    accs = backend.dot(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
+    launch = backend.mma if bs.kernel == "mma" else backend.dot
+    accs = launch(x.astype(jnp.int8) if integer else x, wp, wn, **kwargs)
   return ops.epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)

@@ -1,10 +1,15 @@
 """Ternary matmul as raw Triton kernels called through ``jax_triton.triton_call`` (GPU only).
 
-The two kernels of :mod:`ternjax.kernels.common`, written against Triton directly: masked
-loads handle every shape without padding copies, and popcount is libdevice's ``popc``.
-Outputs are one int32/float32 array of shape ``(1 or 2, M, N)`` (two accumulators for
-asymmetric scales), zeroed by jax-triton when ``split_k > 1`` adds partial sums atomically.
+The kernels of :mod:`ternjax.kernels.common`, written against Triton directly: masked loads
+handle every shape without padding copies, and popcount is libdevice's ``popc``. Outputs are
+one int32/float32 array of shape ``(1 or 2, M, N)`` (two accumulators for asymmetric scales),
+zeroed by jax-triton when ``split_k > 1`` adds partial sums atomically (float ``mma`` sums are
+written per K range and added by XLA instead, so that they do not depend on atomic order).
 Pointer offsets are int32: operands up to 2³¹ elements.
+
+``mma`` is the Hopper kernel: the 2-bit weight planes are expanded in registers, four int8
+(two bf16/f16) trits per 32-bit shift-and-mask, straight into the register operand of wgmma;
+the shapes are compile-time constants, so the loads are vectorized and software-pipelined.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from triton.language.extra import libdevice
 
 from ternjax.kernels import common
 from ternjax.kernels.common import WORD, BlockSizes
+from ternjax.ops.xla import pad_to
 
 
 @triton.jit
@@ -96,24 +102,122 @@ def _dot_kernel(x_ptr, wp_ptr, wn_ptr, m, n, k, kw, split_words, out_ptr,
     _store(out_ptr + m * n + offsets, acc_neg, mask, ATOMIC)
 
 
-def _launch(kernel, args, *, m, n, kw, acc_dtype, two_sums, bs: BlockSizes, **meta):
+@triton.jit
+def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr):
+  """``(BN, BK)`` weight words -> ``(BN, BK·32)`` trits in ``x``'s dtype (``[t = +1]`` without
+  ``HAS_NEG``).
+
+  ``PACK = 0``: one trit per shift, trit ``32·w + b`` at column ``32·w + b``. ``PACK = 4``
+  (int8) or 2 (16-bit floats): one shift and mask give ``PACK`` trits at once, lane ``r`` of
+  word ``w`` holding trits ``32/PACK·i + r`` (``i < PACK``) as the ``PACK`` values of a 32-bit
+  register, at columns ``32·w + PACK·r + i``: x comes in that order (:func:`permute_x`).
+  """
+  if PACK == 0:
+    bits = tl.arange(0, 32)[None, None, :]
+    t = (wp[:, :, None] >> bits) & 1
+    if HAS_NEG:
+      t = t - ((wn[:, :, None] >> bits) & 1)
+    t = t.to(x.dtype)
+  elif PACK == 4:  # int8 bytes: +1 = 0x01, -1 = 0xFF
+    r = tl.arange(0, 8)[None, None, :]
+    c = (wp[:, :, None] >> r) & 0x01010101
+    if HAS_NEG:
+      c = c | ((wn[:, :, None] >> r) & 0x01010101) * 0xFF
+    c = tl.join(tl.join(c, c), tl.join(c, c))
+    t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [c], dtype=x.dtype,
+                                  is_pure=True, pack=4)
+  else:  # 16-bit float halves: the bit patterns of +1 and -1
+    r = tl.arange(0, 16)[None, None, :]
+    if x.dtype == tl.bfloat16:
+      c = ((wp[:, :, None] >> r) & 0x00010001) * 0x3F80
+      if HAS_NEG:
+        c = c | ((wn[:, :, None] >> r) & 0x00010001) * 0xBF80
+    else:
+      c = ((wp[:, :, None] >> r) & 0x00010001) * 0x3C00
+      if HAS_NEG:
+        c = c | ((wn[:, :, None] >> r) & 0x00010001) * 0xBC00
+    c = tl.join(c, c)
+    t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [c], dtype=x.dtype,
+                                  is_pure=True, pack=2)
+  return tl.reshape(t, (wp.shape[0], wp.shape[1] * 32))
+
+
+@triton.jit
+def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr,
+                K: tl.constexpr, KW: tl.constexpr, SPLIT_WORDS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                TWO_SUMS: tl.constexpr, ATOMIC: tl.constexpr, PACK: tl.constexpr,
+                PRECISION: tl.constexpr):
+  """Transposed tiles, ``out^T (BN, BM) += t^T (BN, BK·32) · x^T (BK·32, BM)``: the unpacked
+  weights are wgmma's register operand (no shared-memory round trip) and x rows its N side,
+  which may be as small as 16."""
+  rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+  cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+  k_lo = tl.program_id(2) * SPLIT_WORDS
+  k_hi = tl.minimum(k_lo + SPLIT_WORDS, KW)
+  row_ok, col_ok = rows < M, cols < N
+  acc_type = tl.int32 if x_ptr.dtype.element_ty.is_int() else tl.float32
+  acc = tl.zeros((BLOCK_N, BLOCK_M), acc_type)
+  acc_neg = tl.zeros_like(acc)
+  for k0 in range(k_lo, k_hi, BLOCK_K):
+    words = k0 + tl.arange(0, BLOCK_K)
+    w_off = words[None, :] * N + cols[:, None]
+    w_ok = col_ok[:, None] & (words < k_hi)[None, :]
+    wp = tl.load(wp_ptr + w_off, mask=w_ok, other=0)
+    wn = tl.load(wn_ptr + w_off, mask=w_ok, other=0)
+    trits = k0 * 32 + tl.arange(0, BLOCK_K * 32)
+    t_ok = trits < tl.minimum(k_hi * 32, K)
+    x = tl.load(x_ptr + rows[None, :] * K + trits[:, None],
+                mask=t_ok[:, None] & row_ok[None, :], other=0)
+    if TWO_SUMS:
+      acc = tl.dot(_trits(wp, wn, x, PACK, False), x, acc, input_precision=PRECISION,
+                   out_dtype=acc_type)
+      acc_neg = tl.dot(_trits(wn, wp, x, PACK, False), x, acc_neg, input_precision=PRECISION,
+                       out_dtype=acc_type)
+    else:
+      acc = tl.dot(_trits(wp, wn, x, PACK, True), x, acc, input_precision=PRECISION,
+                   out_dtype=acc_type)
+  offsets = rows[None, :] * N + cols[:, None]
+  mask = row_ok[None, :] & col_ok[:, None]
+  if not ATOMIC:  # float split-K: one partial sum per K range, added by XLA
+    out_ptr += tl.program_id(2) * (2 if TWO_SUMS else 1) * M * N
+  _store(out_ptr + offsets, acc, mask, ATOMIC)
+  if TWO_SUMS:
+    _store(out_ptr + M * N + offsets, acc_neg, mask, ATOMIC)
+
+
+def _launch(kernel, arrays, sizes: dict, *, m, n, kw, acc_dtype, two_sums, bs: BlockSizes,
+            partials=False, static=False, **meta):
+  """Launches over ``(M/bm, N/bn, split_k)``: split sums are added atomically into a zeroed
+  output, or with ``partials`` (float sums, whose atomic order would vary) written one per K
+  range and added by XLA. ``sizes`` (and the words per split) are scalar arguments, or with
+  ``static`` upper-case constants (one compile per shape; the compiler then knows the row
+  strides' alignment and vectorizes and pipelines the loads)."""
   if max(m, n) * kw * WORD >= 2**31:
     raise NotImplementedError(f"operands over 2**31 elements (int32 offsets): {m=} {n=} {kw=}")
   split_words = common.cdiv(common.cdiv(kw, bs.split_k), bs.block_k) * bs.block_k
+  splits = common.cdiv(kw, split_words)
+  atomic = bs.split_k > 1 and not partials
+  sizes = dict(sizes, split_words=split_words)
+  if static:
+    meta.update({name.upper(): v for name, v in sizes.items()})
+  else:
+    arrays = (*arrays, *sizes.values())
   out = jax_triton.triton_call(
-      *args, split_words, kernel=kernel,
-      out_shape=jax.ShapeDtypeStruct((2 if two_sums else 1, m, n), acc_dtype),
-      grid=(common.cdiv(m, bs.block_m), common.cdiv(n, bs.block_n), common.cdiv(kw, split_words)),
-      zeroed_outputs=(0,) if bs.split_k > 1 else (), num_warps=bs.num_warps,
+      *arrays, kernel=kernel,
+      out_shape=jax.ShapeDtypeStruct((splits if partials else 1, 2 if two_sums else 1, m, n),
+                                     acc_dtype),
+      grid=(common.cdiv(m, bs.block_m), common.cdiv(n, bs.block_n), splits),
+      zeroed_outputs=(0,) if atomic else (), num_warps=bs.num_warps,
       num_stages=bs.num_stages, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, BLOCK_K=bs.block_k,
-      TWO_SUMS=two_sums, ATOMIC=bs.split_k > 1, **meta)
-  return tuple(out)
+      TWO_SUMS=two_sums, ATOMIC=atomic, **meta)
+  return tuple(jnp.sum(out, axis=0) if splits > 1 and partials else out[0])
 
 
 def _popcount(xp, xn, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   del interpret  # Backend refuses it
   (m, kw), n = xp.shape, wp.shape[1]
-  return _launch(_popcount_kernel, (xp, xn, wp, wn, m, n, kw), m=m, n=n, kw=kw,
+  return _launch(_popcount_kernel, (xp, xn, wp, wn), dict(m=m, n=n, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32, two_sums=two_sums, bs=block_sizes)
 
 
@@ -121,12 +225,35 @@ def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   del interpret  # Backend refuses it
   (m, k), (kw, n) = x.shape, wp.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
-  return _launch(_dot_kernel, (x, wp, wn, m, n, k, kw), m=m, n=n, kw=kw,
+  return _launch(_dot_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
                  bs=block_sizes, PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 
-BACKEND = common.Backend("triton", _popcount, _dot, interpret=False)
+def permute_x(x, kw: int, pack: int):
+  """``x`` zero-padded to ``32·kw`` columns, each word's 32 in the order of :func:`_trits`'
+  ``pack`` trits per lane: column ``32·w + pack·r + i`` holds trit ``32·w + 32/pack·i + r``.
+  (One XLA transpose: measured faster than permuting in the kernel, run 2 of
+  experiments/results/sweep_gpu_kernels_h200.md.)"""
+  m = x.shape[0]
+  x = pad_to(x, (m, kw * WORD)).reshape(m, kw, pack, WORD // pack)
+  return jnp.swapaxes(x, 2, 3).reshape(m, kw * WORD)
+
+
+def _mma(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
+  del interpret  # Backend refuses it
+  (m, k), (kw, n) = x.shape, wp.shape
+  integer = jnp.issubdtype(x.dtype, jnp.integer)
+  pack = (4 if integer else 2 if x.dtype.itemsize == 2 else 0) if block_sizes.pack else 0
+  if pack:
+    x, k = permute_x(x, kw, pack), kw * WORD
+  return _launch(_mma_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
+                 acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
+                 bs=block_sizes, partials=not integer, static=True, PACK=pack,
+                 PRECISION="ieee" if x.dtype == jnp.float32 else None)
+
+
+BACKEND = common.Backend("triton", _popcount, _dot, interpret=False, mma=_mma)
 popcount_matmul = BACKEND.popcount_matmul
 dot_matmul = BACKEND.dot_matmul
 ternary_matmul = BACKEND.ternary_matmul

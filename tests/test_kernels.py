@@ -19,6 +19,13 @@ CONFIGS = [  # grids of more than one program along M, N and K (split_k)
     BlockSizes(kernel="dot", block_m=16, block_n=16, block_k=1, split_k=2),
     BlockSizes(kernel="dot", block_m=16, block_n=32, block_k=2),
 ]
+# The Hopper mma kernel (jax-triton only): K split over programs, float split-K partial sums,
+# one int8 plane per shift (pack=False), 64-row tiles.
+MMA_CONFIGS = [
+    BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=1, split_k=2),
+    BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=2, pack=False),
+    BlockSizes(kernel="mma", block_m=64, block_n=64, block_k=4),
+]
 
 
 def _operands(m, k, n, seed):
@@ -39,7 +46,7 @@ def _check(matmul, m, k, n, bs, seed):
   np.testing.assert_allclose(
       matmul(x, w, x_ternary=True, w_scale=ws, w_scale_neg=wsn, block_sizes=bs),
       ops.xla_matmul(x, w, x_ternary=True, w_scale=ws, w_scale_neg=wsn), rtol=1e-6, atol=1e-5)
-  if bs is None or bs.kernel == "dot":
+  if bs is None or bs.kernel != "popcount":
     np.testing.assert_array_equal(matmul(x8, w, block_sizes=bs), ops.xla_matmul(x8, w))
 
 
@@ -80,9 +87,15 @@ def test_block_sizes_validation_and_defaults():
     BlockSizes(block_n=100)
   with pytest.raises(ValueError, match="block_m"):
     BlockSizes(kernel="dot", block_m=8)
+  with pytest.raises(ValueError, match="mma kernel needs block_m"):
+    BlockSizes(kernel="mma", block_m=8)
   assert BlockSizes.get_default(1, 4096, 4096, x_ternary=True).kernel == "popcount"
   assert BlockSizes.get_default(4096, 4096, 4096, x_ternary=True).kernel == "dot"
   assert BlockSizes.get_default(1, 4096, 4096, x_ternary=False, integer=False).split_k == 1
+  # With the mma kernel: 16-row tiles and a K split at small M, 64-row tiles above.
+  small = BlockSizes.get_default(1, 4096, 4096, x_ternary=True, mma=True)
+  assert (small.kernel, small.block_m, small.split_k) == ("mma", 16, 4)
+  assert BlockSizes.get_default(256, 4096, 4096, x_ternary=False, mma=True).block_m == 64
 
 
 def test_unsupported_inputs_raise():
@@ -94,6 +107,8 @@ def test_unsupported_inputs_raise():
     matmul(x, w, block_sizes=BlockSizes(kernel="popcount", block_m=2))
   with pytest.raises(ValueError, match="split_k"):
     matmul(x.astype(jnp.float32), w, block_sizes=BlockSizes(block_m=16, split_k=2))
+  with pytest.raises(NotImplementedError, match="no mma kernel"):
+    matmul(x.astype(jnp.int8), w, block_sizes=MMA_CONFIGS[0])
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU fallback")
@@ -123,12 +138,32 @@ def test_gpu_policy_choices():
   assert choose(big, False) == ("xla", jnp.int32, False)     # int32 stays int32
 
 
+def test_gpu_policy_prefers_the_mma_kernel(monkeypatch):
+  """With jax-triton registered, the kernels' range goes to its mma kernel (ternary codes as
+  int8), except float32 activations (not measured there), which stay on Pallas."""
+  monkeypatch.setitem(ops.IMPLEMENTATIONS, "triton", ops.IMPLEMENTATIONS["pallas"])
+  w = packing.pack_bitplanes(jnp.zeros((64, 8), jnp.int8), axis=0)
+  tuning = dataclasses.replace(kernels.GPU_TUNING, xla_popcount_max_mkn=0)
+  choose = lambda x, xt: (lambda r: (r[0], r[1].dtype, r[2]))(tuning.choose(x, w, x_ternary=xt))
+  assert choose(jnp.zeros((5, 64), jnp.int32), True) == ("triton", jnp.int8, False)
+  assert choose(jnp.zeros((5, 64), jnp.bfloat16), False) == ("triton", jnp.bfloat16, False)
+  assert choose(jnp.zeros((5, 64), jnp.float32), False) == ("pallas", jnp.float32, False)
+  assert choose(jnp.zeros((tuning.kernels_max_m, 64), jnp.int8), False)[0] == "xla"
+
+
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernels need a GPU")
 @pytest.mark.parametrize("backend", ["pallas", "triton"])
-@pytest.mark.parametrize("bs", [None] + CONFIGS)
+@pytest.mark.parametrize("bs", [None] + CONFIGS + MMA_CONFIGS)
 @pytest.mark.parametrize("m,k,n", SHAPES + arg_specs.GPU_CHECK[-1:])
 def test_gpu_kernels_exact(backend, m, k, n, bs):
   module = getattr(kernels, f"ternary_matmul_{backend}")
   if module is None:
     pytest.skip(f"{backend} is not available (jax-triton needs a GPU jax and triton)")
+  if bs is not None and bs.kernel == "mma" and module.BACKEND.mma is None:
+    pytest.skip(f"{backend} has no mma kernel")
   _check(module.ternary_matmul, m, k, n, bs, seed=m + k + n)
+  if bs is None or bs.kernel == "mma":  # W2A16: bf16 activations, to float32 rounding
+    _, w, _, _ = _operands(m, k, n, seed=m)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    out, want = module.ternary_matmul(x, w, block_sizes=bs), ops.xla_matmul(x, w)
+    assert float(jnp.max(jnp.abs(out - want)) / jnp.max(jnp.abs(want))) < 1e-5

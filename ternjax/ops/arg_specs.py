@@ -11,9 +11,13 @@ MATMUL = [(1, 1, 1), (1, 31, 7), (2, 33, 5), (3, 32, 5), (5, 33, 9), (1, 64, 130
 KERNEL = [(1, 100, 33), (5, 70, 17), (17, 64, 40)]
 # Compiled kernels on a GPU: larger awkward shapes too.
 GPU_CHECK = [(1, 100, 33), (5, 70, 300), (17, 1000, 129), (300, 4000, 517)]
-# GPU benchmark (experiments/bench_kernels.py).
+# GPU benchmark (experiments/bench_kernels.py): square layers, an LLM-shaped MLP (4096 -> 11008
+# -> 4096) at batch 1 and 16, the CIFAR-10 ResNet-18 3x3 convolutions at batch 1024 as patches
+# matmuls (M = 1024·H·W, K = 9·C_in, N = C_out), a small MLP layer.
 GPU_BENCH = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (4096, 4096, 4096),
-             (128, 784, 256)]
+             (1, 4096, 11008), (1, 11008, 4096), (16, 4096, 11008), (16, 11008, 4096),
+             (1024 * 32 * 32, 576, 64), (1024 * 16 * 16, 1152, 128), (1024 * 8 * 8, 2304, 256),
+             (1024 * 4 * 4, 4608, 512), (128, 784, 256)]
 # CPU benchmark (experiments/bench_cpu.py): M × (K, N), and the M of the formulation sweep.
 CPU_BENCH_M = (1, 8, 64, 256)
 CPU_BENCH_KN = ((784, 256), (4096, 4096))
