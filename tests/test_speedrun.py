@@ -22,6 +22,11 @@ speedrun = sys.modules["speedrun_cli"] = importlib.util.module_from_spec(_spec) 
 _spec.loader.exec_module(speedrun)
 
 
+# One tiny recipe for the training tests (its jitted model initialization compiles once).
+TINY = dataclasses.replace(speedrun.Recipe(), widths=(8, 8, 8), batch_size=16, epochs=6,
+                           whiten_images=64, whiten_bias_epochs=2, dtype="float32")
+
+
 def _correlated_images(n=64, seed=0):
   """Smooth, channel-correlated NHWC images (their 2×2 patches are far from white)."""
   noise = jax.random.normal(jax.random.key(seed), (n, 33, 33, 3))
@@ -64,11 +69,11 @@ def test_alternating_flip_and_tta():
   assert not np.allclose(both, mirror)  # the translated views count
 
 
+@pytest.mark.slow  # ~15 s of compilation on a loaded 2-core CPU
 def test_scanned_training_learns_and_freezes():
   """A tiny airbench net on 64 images for 6 epochs: the loss falls, the stem holds the
   whitening of the data, the filters moved."""
-  recipe = dataclasses.replace(speedrun.Recipe(), widths=(8, 8, 8), batch_size=16, epochs=6,
-                               whiten_images=64, dtype="float32")
+  recipe = TINY
   rng = np.random.default_rng(0)
   labels = np.arange(64) % 10
   colors = rng.integers(40, 216, (10, 1, 1, 3))  # a colour per class, under noise
@@ -93,18 +98,20 @@ def test_scanned_training_learns_and_freezes():
   assert not np.allclose(model.groups[1].conv2.kernel[...], before["groups"][1]["conv2"]["kernel"])
 
 
+@pytest.mark.slow
 def test_optimizer_groups():
   """The whitening kernel never moves, the stem's bias stops after whiten_bias_epochs, the head
   and the BatchNorm biases keep moving, Muon's filters end at Frobenius norm ≈ sqrt(out)."""
-  recipe = dataclasses.replace(speedrun.Recipe(), widths=(8, 8, 8), whiten_bias_epochs=2)
+  recipe = TINY
   model = speedrun.build_model(recipe, 0)
   optimizer = nnx.Optimizer(model, speedrun.make_optimizer(recipe, 4), wrt=nnx.Param)
-  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape),
-                       nnx.state(model, nnx.Param))
+  noise = lambda params: jax.tree.map(
+      lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
   watched = lambda: [np.array(v) for v in (model.stem.kernel[...], model.stem.bias[...],
                                           model.head.kernel[...], model.groups[0].bn1.bias[...])]
   history = [watched()]
-  step = nnx.jit(lambda model, optimizer: optimizer.update(model, grads))
+  step = nnx.jit(lambda model, optimizer: optimizer.update(
+      model, noise(nnx.state(model, nnx.Param))))
   for _ in range(12):
     step(model, optimizer)
     history.append(watched())
@@ -119,6 +126,7 @@ def test_optimizer_groups():
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "300", "--limit", "200"], "exceeds the 200 training examples"),
     (["--runs", "0"], "--runs: must be an integer of at least 1"),
+    (["--ablation", "fp-nothing"], "--ablation: invalid choice"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, argv, message):
   proc = subprocess.run([sys.executable, str(SCRIPT), *argv, "--out", str(tmp_path)],
