@@ -352,6 +352,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="folder for results.json and results.md")
   p.add_argument("--overwrite", action="store_true", help="replace results in --out")
   args = p.parse_args(argv)
+  if not hasattr(optax.contrib, "MuonDimensionNumbers"):
+    p.error(f"optax {optax.__version__} has no optax.contrib.scale_by_muon for conv kernels "
+            "(MuonDimensionNumbers); 0.2.8 is tested")
   out = Path(args.out)
   if out.exists() and not out.is_dir():
     p.error(f"--out {args.out} is a file, not a directory")
