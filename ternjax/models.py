@@ -12,7 +12,9 @@ modules of their own (:class:`ResNet` of :class:`BasicBlock`); VGG-7 is a stack 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -225,3 +227,102 @@ def vgg7(quant: QuantConfig, *, fp_first: bool = True, fp_last: bool = False,
 
 
 CIFAR_MODELS = {"resnet20": resnet20, "resnet18": resnet18, "vgg7": vgg7}
+
+
+# --------------------------------------------------------------------------------------------
+# The airbench94 network (KellerJordan/cifar10-airbench, airbench94_muon.py): a frozen 2×2
+# patch-whitening conv, three conv groups, 3×3 max-pool, a bias-free linear head scaled by
+# 1/width. Inits follow the original: PyTorch's default uniform conv init with identity
+# (Dirac) filters on the first ``cin`` outputs, head weights of standard deviation 1.
+
+
+def whitening_kernel(images: jax.Array, size: int = 2, eps: float = 5e-4) -> jax.Array:
+  """The ``(size, size, C, 2·C·size²)`` HWIO kernel that whitens ``images``' patches.
+
+  The columns are the eigenvectors ``v`` of the (uncentred) covariance of every ``size×size``
+  patch of the float NHWC ``images``, scaled by ``1/sqrt(λ + eps)``, then the same negated (so
+  a following GELU keeps both signs): the first half of the conv's output has covariance
+  ``diag(λ/(λ+eps)) ≈ I`` on these images.
+  """
+  n, h, w, c = images.shape
+  patches = jnp.stack([images[:, i:h - size + 1 + i, j:w - size + 1 + j]
+                       for i in range(size) for j in range(size)], axis=3)
+  flat = patches.reshape(-1, size * size * c).astype(jnp.float32)  # (h, w, c) order: HWIO's
+  eigenvalues, eigenvectors = jnp.linalg.eigh(flat.T @ flat / len(flat))
+  scaled = (eigenvectors / jnp.sqrt(eigenvalues + eps)).reshape(size, size, c, -1)
+  return jnp.concatenate([scaled, -scaled], axis=-1)
+
+
+def _uniform(bound: float):
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
+
+
+def _torch_uniform(key, shape, dtype=jnp.float32):
+  """PyTorch's default conv / linear init: U(±1/sqrt(fan_in)), fan_in = all axes but the last."""
+  return _uniform(1 / math.sqrt(math.prod(shape[:-1])))(key, shape, dtype)
+
+
+def _dirac_uniform(key, shape, dtype=jnp.float32):
+  """:func:`_torch_uniform`, with output ``o < cin`` the identity filter (airbench's implicit
+  residual)."""
+  *window, cin, cout = shape
+  centre = tuple(k // 2 for k in window)
+  identity = jnp.zeros(shape, dtype).at[centre].set(jnp.eye(cin, cout, dtype=dtype))
+  return jnp.where(jnp.arange(cout) < cin, identity, _torch_uniform(key, shape, dtype))
+
+
+class ConvGroup(nnx.Module):
+  """conv 3×3 → max-pool 2 → BatchNorm → GELU → conv 3×3 → BatchNorm → GELU; BatchNorm with
+  running-statistics momentum 0.6, no scale (airbench freezes it at 1), eps 1e-12."""
+
+  def __init__(self, cin: int, cout: int, quant: QuantConfig, *, dtype=None, rngs: nnx.Rngs):
+    conv = lambda a, b: TernaryConv(a, b, (3, 3), padding="SAME", use_bias=False, quant=quant,
+                                    kernel_init=_dirac_uniform, dtype=dtype, rngs=rngs)
+    bn = lambda: nnx.BatchNorm(cout, momentum=0.6, epsilon=1e-12, use_scale=False, rngs=rngs)
+    self.conv1, self.bn1, self.conv2, self.bn2 = conv(cin, cout), bn(), conv(cout, cout), bn()
+
+  def __call__(self, x):
+    x = self.bn1(nnx.max_pool(self.conv1(x), (2, 2), (2, 2)))
+    return _gelu(self.bn2(self.conv2(_gelu(x))))
+
+
+def _gelu(x):
+  return nnx.gelu(x, approximate=False)  # PyTorch's nn.GELU
+
+
+class Airbench(nnx.Module):
+  """airbench94: whitening stem (2×2 VALID conv, 2·3·4 = 24 channels, bias; its kernel is set by
+  ``stem.kernel[...] = whitening_kernel(...)`` and kept frozen by the optimizer), GELU, three
+  :class:`ConvGroup` of ``widths``, max-pool 3, linear head without bias, logits / width.
+
+  ``quant`` applies to every conv of the groups (the stem and the head stay float).
+  """
+
+  def __init__(self, quant: QuantConfig = FP, *, widths: tuple[int, ...] = (64, 256, 256),
+               whiten_size: int = 2, num_classes: int = 10, dtype=None, rngs: nnx.Rngs):
+    stem_width = 2 * 3 * whiten_size ** 2
+    self.stem = nnx.Conv(3, stem_width, (whiten_size,) * 2, padding="VALID", use_bias=True,
+                         kernel_init=_torch_uniform,
+                         bias_init=_uniform(1 / math.sqrt(3 * whiten_size ** 2)),
+                         dtype=dtype, rngs=rngs)
+    cins = (stem_width, *widths[:-1])
+    self.groups = nnx.List([ConvGroup(a, b, quant, dtype=dtype, rngs=rngs)
+                            for a, b in zip(cins, widths)])
+    # std 1: airbench rescales the head's default init to unit standard deviation
+    self.head = nnx.Linear(widths[-1], num_classes, use_bias=False,
+                           kernel_init=_uniform(math.sqrt(3)),
+                           dtype=dtype, rngs=rngs)
+    self.scale = 1 / widths[-1]
+
+  def __call__(self, x):
+    x = _gelu(self.stem(x))
+    for group in self.groups:
+      x = group(x)
+    x = nnx.max_pool(x, (3, 3), (3, 3))
+    return self.head(x.reshape(x.shape[0], -1)) * self.scale
+
+
+def airbench(quant: QuantConfig = FP, **kwargs) -> Airbench:
+  """airbench94's network (widths 64/256/256, 1.97 M parameters) with ``quant`` in its convs."""
+  return Airbench(quant, **kwargs)

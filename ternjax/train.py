@@ -144,21 +144,51 @@ def preprocess(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 255.0
 
 
-def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
-  """Translates each NHWC image by up to ``max_shift`` pixels each way (zero fill)."""
+def _pad(images: jax.Array, n: int, mode: str) -> jax.Array:
+  return jnp.pad(images, ((0, 0), (n, n), (n, n), (0, 0)), mode=mode)
+
+
+def random_shift(images: jax.Array, key: jax.Array, max_shift: int,
+                 mode: str = "constant") -> jax.Array:
+  """Translates each NHWC image by up to ``max_shift`` pixels each way; the border is filled
+  with zeros (``mode='constant'``, CIFAR's crop of the padded image) or mirrored
+  (``'reflect'``, airbench's)."""
   if max_shift == 0:
     return images
   _, h, w, c = images.shape
-  pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
   offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
   crop = lambda image, o: lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
-  return jax.vmap(crop)(jnp.pad(images, pad), offsets)
+  return jax.vmap(crop)(_pad(images, max_shift, mode), offsets)
+
+
+def _mirror(images: jax.Array, flip: jax.Array) -> jax.Array:
+  return jnp.where(flip.reshape(-1, 1, 1, 1), images[:, :, ::-1], images)
 
 
 def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
   """Mirrors each NHWC image left-right with probability 1/2."""
-  flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
-  return jnp.where(flip, images[:, :, ::-1], images)
+  return _mirror(images, jax.random.bernoulli(key, 0.5, (images.shape[0],)))
+
+
+def alternating_flip(images: jax.Array, idx: jax.Array, key: jax.Array,
+                     epoch: jax.Array) -> jax.Array:
+  """airbench's flips: example ``idx[i]`` is mirrored in epoch 0 with probability 1/2 (drawn
+  once from ``key``), then every other epoch the other way (so each image is seen both ways
+  in any two epochs in a row)."""
+  first = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(idx)
+  return _mirror(images, first ^ (epoch % 2 == 1))
+
+
+def tta_logits(apply, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Logits of ``apply`` with test-time augmentation at airbench's three levels: none, mirror
+  (mean over the image and its mirror), mirror + translate (half that, plus a quarter each of
+  the same on the image shifted one pixel up-left and down-right, mirrored borders)."""
+  mirror = lambda x: 0.5 * (apply(x) + apply(x[:, :, ::-1]))
+  plain = apply(images)
+  mirrored = 0.5 * (plain + apply(images[:, :, ::-1]))
+  padded, (h, w) = _pad(images, 1, "reflect"), images.shape[1:3]
+  shifted = 0.5 * (mirror(padded[:, :h, :w]) + mirror(padded[:, 2:, 2:]))
+  return plain, mirrored, 0.5 * (mirrored + shifted)
 
 
 def augment(images: jax.Array, key: jax.Array, config: TrainConfig) -> jax.Array:
@@ -176,25 +206,31 @@ def loss_fn(model, images, labels, label_smoothing: float = 0.0):
   return (loss if penalty is None else loss + penalty), logits
 
 
-def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | None = None):
+def make_train_chunk(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh | None = None, *,
+                     inputs=None, loss=None):
   """``chunk(state, images, labels, batches, key) -> (state, (losses, corrects))``, jitted.
 
   ``state`` is ``nnx.split((model, optimizer))``'s (donated); the function runs one step per
   row of ``batches`` (indices into the device-resident ``images``/``labels``) in ``lax.scan``.
   Step ``s`` augments with ``fold_in(key, s)``, ``s`` being the optimizer's step count. With a
   ``mesh``, each gathered batch is sharded along its ``data`` axis and the outputs replicated.
+  ``inputs(batch, idx, key, s)`` (the gathered images, their indices, ``key``, the step) gives
+  the model's input (default: :func:`preprocess` and the config's :func:`augment`), ``loss(model,
+  x, y) -> (loss, logits)`` the loss (default: :func:`loss_fn` with the config's smoothing).
   """
   shard = _constrain(mesh, distributed.DATA)
+  inputs = inputs or (lambda x, idx, key, s: augment(preprocess(x), jax.random.fold_in(key, s),
+                                                     config))
+  loss = loss or functools.partial(loss_fn, label_smoothing=config.label_smoothing)
 
   def step(state, idx, images, labels, key):
     model, optimizer = nnx.merge(graphdef, state)
     x, y = shard(images[idx]), shard(labels[idx])
-    x = augment(preprocess(x), jax.random.fold_in(key, optimizer.step[...]), config)
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (loss, logits), grads = grad_fn(model, x, y, config.label_smoothing)
+    x = inputs(x, idx, key, optimizer.step[...])
+    (loss_value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model, x, y)
     optimizer.update(model, grads)
     quant_update(model, optimizer.step[...])  # quantizer state that is not trained (ADMM's)
-    return nnx.state((model, optimizer)), (loss, jnp.sum(jnp.argmax(logits, -1) == y))
+    return nnx.state((model, optimizer)), (loss_value, jnp.sum(jnp.argmax(logits, -1) == y))
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=distributed.sharding(mesh))
   def chunk(state, images, labels, batches, key):
