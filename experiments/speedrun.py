@@ -26,7 +26,7 @@ to ``block_until_ready`` on its result; the test-time evaluation is timed apart.
 Data: test records 0..999 of the shared copy are exact, 1000..9999 JPEG-degraded (its
 README), so each accuracy is given on the full copy, the exact and the degraded records.
 Writes results.json and results.md into --out (again after every variant, so a run stopped
-early keeps the finished variants). Results, once run on a GPU: experiments/results/speedrun.md.
+early keeps the finished variants). Results: experiments/results/speedrun.md.
 """
 
 from __future__ import annotations
