@@ -600,12 +600,12 @@ def _segment_specs(closed: jcore.ClosedJaxpr) -> list[jax.ShapeDtypeStruct]:
 
 
 def _params(meta: dict, arrays: dict) -> dict:
-  """Device arrays of an export; ternary codes as bitplanes (still 2 bits per weight)."""
+  """Device arrays of an export; ternary codes as bitplanes (still 2 bits per weight),
+  converted with NumPy (a jitted conversion would compile for most of the load time)."""
   rows = {node["inputs"][node["spec"]["operands"].index("codes")]: node["spec"]["rows"]
           for node in meta["graph"]["nodes"] if node["op"] == "ternary"}
-  planes = jax.jit(lambda codes: {k: packing.bitplanes_from_codes(c, rows[k], 0)
-                                  for k, c in codes.items()})({k: arrays[k] for k in rows})
-  return {k: planes[k] if k in planes else jnp.asarray(v) for k, v in arrays.items()}
+  return jax.device_put({k: packing.bitplanes_from_codes(np.asarray(v), rows[k], 0)
+                         if k in rows else v for k, v in arrays.items()})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -921,11 +921,28 @@ def _check_written(path: Path, model: nnx.Module, probe: np.ndarray, onnx: bool)
   return report
 
 
+def _compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+  """``model``, or a copy whose modules compute in ``dtype`` (their ``dtype`` attribute, where
+  set: Flax layers promote inputs and parameters to it); parameters are not changed."""
+  if dtype is None:
+    return model
+  modules = [m for _, m in nnx.iter_modules(model)
+             if getattr(m, "dtype", None) not in (None, jnp.dtype(dtype))]
+  if not modules:
+    return model
+  clone = nnx.clone(model)
+  for _, m in nnx.iter_modules(clone):
+    if getattr(m, "dtype", None) is not None:
+      object.__setattr__(m, "dtype", jnp.dtype(dtype))
+  return clone
+
+
 def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequence[int],
            classes: int | Sequence[str], method: str | None = None,
            accuracy: float | None = None, input_divisor: float = 255.0,
            extra: dict | None = None, overwrite: bool = False, onnx: bool = True,
-           platforms: Sequence[str] = PLATFORMS, probe=None) -> Path:
+           platforms: Sequence[str] = PLATFORMS, probe=None,
+           compute_dtype="float32") -> Path:
   """Writes ``model`` (eval mode: running statistics) as an inference export; returns its path.
 
   Args:
@@ -943,10 +960,15 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
     platforms: the ``jax.export`` platforms of the serialized segments.
     probe: inputs on which the written export must agree with the model (default: four
       uniform random images in [0, 1)).
+    compute_dtype: the float code's compute dtype: the exported copy's modules compute in it
+      (a model trained in bfloat16 exports as float32: ONNX runtimes lack bfloat16 kernels for
+      most operators, and the ternary layers' integer sums are exact either way); None keeps
+      the model's.
   """
   if Path(directory).exists() and not overwrite:
     raise ExportError(f"{Path(directory).absolute()} exists; pass overwrite=True "
                       "(--overwrite) to replace it")
+  model = _compute_dtype(model, compute_dtype)
   input_shape = tuple(int(d) for d in input_shape)
   classes = [str(c) for c in (range(classes) if isinstance(classes, int) else classes)]
   traced = _trace_model(model, input_shape)
