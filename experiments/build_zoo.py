@@ -86,6 +86,7 @@ def build(name: str, source: Path, data_dir, description: str, overwrite: bool,
           "trained_on": f"{summary.get('devices', '?')} × {summary.get('device', '?')}",
           "train_time_s": summary.get("train_time_s"),
           "settings": {k: v for k, v in meta["extra"].items() if k not in ("summary", "command")},
+          "onnx": bool(meta["onnx"]),
           "ternjax_version": meta["ternjax_version"], "jax_version": meta["jax_version"],
           "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
   others = sum(f.stat().st_size for e in root.iterdir() if e.is_dir() and e.name != name
@@ -100,6 +101,7 @@ def build(name: str, source: Path, data_dir, description: str, overwrite: bool,
     x = dataset.x_test[:BATCH].astype(np.float32) / np.float32(meta["input_divisor"])
     if not np.array_equal(np.asarray(copy(x)), np.asarray(net(x))):
       raise zoo.ZooError(f"{name}: the copied export's logits differ from {source}'s")
+    card["source_check"] = f"logits identical to the source export's on {len(x)} test images"
     (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
     (tmp / "MODEL_CARD.md").write_text(_markdown(card, tjexport.model_card(meta, card["size"])))
 
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
                  help="one line on the architecture (default: the model's, DESCRIPTIONS)")
   p.add_argument("--data-dir", type=cli.existing_dir)
   p.add_argument("--overwrite", action="store_true", help="replace existing entries")
+  p.add_argument("--root", type=Path, default=zoo.MODELS_DIR, help="the zoo's models folder")
   args = p.parse_args(argv)
   if (args.from_batch is None) == (args.name is None or args.export is None):
     p.error("give NAME EXPORT_DIR, or --from-batch TAR")
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     else:
       todo = [(args.name, args.export, args.description)]
     for name, source, description in todo:
-      card = build(name, source, args.data_dir, description, args.overwrite)
+      card = build(name, source, args.data_dir, description, args.overwrite, args.root)
       r = card["accuracy"]["test"]
       print(f"{name}: {r['accuracy']:.4f} ({r['correct']}/{r['examples']}) on {card['dataset']}, "
             f"{card['size']['disk_bytes']:,} bytes, {card['size']['bits_with_scales']:.3f} "

@@ -133,7 +133,7 @@ def _launch(name, model, argv, epochs, args, work: Path, env,
             fitted: dict) -> tuple[str, subprocess.Popen]:
   argv = [a.format(work=work) for a in argv]
   if model is not None:
-    epochs = epochs or fitted.get(model) or args.epochs.get(model)
+    epochs = args.epochs.get(model) or epochs or fitted.get(model)
     argv += ["--data-dir", args.data_dir, "--out", str(work / name), "--overwrite"]
     argv += ["--epochs", str(epochs)] if epochs else []
   else:
@@ -266,7 +266,7 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="where the gathered results go ($OUT)")
   p.add_argument("--work", default="/tmp/cifar10_runs", help="run directories (checkpoints)")
   p.add_argument("--epochs", nargs="*", default=[], metavar="MODEL=N",
-                 help="epochs per model (else the recipe's)")
+                 help="epochs per model (over the plan's and the recipe's)")
   p.add_argument("--limit-s", type=cli.positive_float, default=510,
                  help="wall-clock limit per phase")
   p.add_argument("--budget-s", type=cli.positive_float,

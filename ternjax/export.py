@@ -805,23 +805,55 @@ def _max_pool_slices(x, *, window_dimensions, window_strides, padding, base_dila
   return result
 
 
+def _pad_constant(x, value, *, padding_config):
+  """``lax.pad`` (constant, no interior or negative padding) as a concatenation of strided
+  copies of an edge slice set to ``value``: jax2onnx's ``pad`` conversion fails on symbolic
+  batch sizes (ResNet's option-A shortcuts pad channels)."""
+  if any(i != 0 or lo < 0 or hi < 0 for lo, hi, i in padding_config):
+    raise ExportError("interior or negative padding has no ONNX form here")
+  for axis, (lo, hi, _) in enumerate(padding_config):
+    if lo or hi:
+      fill = lax.slice_in_dim(x, 0, 1, axis=axis) * 0 + value
+      x = jnp.concatenate([fill] * lo + [x] + [fill] * hi, axis=axis)
+  return x
+
+
+# Primitives that segments replay through another function for jax2onnx: (operands, params).
+_ONNX_REPLACEMENTS = {
+    "reduce_window_max": lambda args, params: _max_pool_slices(args[0], **params),
+    "pad": lambda args, params: _pad_constant(*args, **params),
+}
+
+
+def _replaced(jaxpr: jcore.Jaxpr) -> bool:
+  """Whether ``jaxpr`` (or a jaxpr called from it) holds a primitive to replace."""
+  return any(e.primitive.name in _ONNX_REPLACEMENTS or
+             any(_replaced(sub) for sub in tracing.sub_jaxprs(e)) for e in jaxpr.eqns)
+
+
 def _onnx_segment(closed: jcore.ClosedJaxpr) -> Callable:
-  """A segment as a function for jax2onnx, ``reduce_window_max`` as :func:`_max_pool_slices`
-  (jax2onnx makes an N-d MaxPool of NHWC pooling, which onnxruntime does not run)."""
-  jaxpr = closed.jaxpr
-  if all(e.primitive.name != "reduce_window_max" for e in jaxpr.eqns):
+  """A segment as a function for jax2onnx, with :data:`_ONNX_REPLACEMENTS` (jax2onnx makes an
+  N-d MaxPool of NHWC pooling, which onnxruntime does not run, and fails on ``lax.pad`` of a
+  symbolic batch), also inside the jitted functions a segment calls (``jnp.pad`` is one)."""
+  if not _replaced(closed.jaxpr):
     return jcore.jaxpr_as_fun(closed)
+  jaxpr = closed.jaxpr
 
   def one(eqn):  # a single equation as a function of its variables
     ins = list(dict.fromkeys(v for v in eqn.invars if isinstance(v, jcore.Var)))
     return ins, jcore.jaxpr_as_fun(jcore.ClosedJaxpr(_jaxpr(ins, eqn.outvars, [eqn]), []))
 
   def fn(*args):
-    env = dict(zip(jaxpr.invars, args))
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
     read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "reduce_window_max":
-        outs = [_max_pool_slices(read(eqn.invars[0]), **eqn.params)]
+      replace = _ONNX_REPLACEMENTS.get(eqn.primitive.name)
+      inner = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+      if replace is not None:
+        outs = [replace([read(v) for v in eqn.invars], eqn.params)]
+      elif isinstance(inner, jcore.ClosedJaxpr) and _replaced(inner.jaxpr):
+        outs = _onnx_segment(inner)(*map(read, eqn.invars))
       else:
         ins, f = one(eqn)
         outs = f(*map(read, ins))
