@@ -3,6 +3,8 @@
   python experiments/cifar10.py --model resnet20 --weights twn        # first conv float (TTQ)
   python experiments/cifar10.py --model resnet18 --weights fp         # the float twin
   python experiments/cifar10.py --model resnet18 --activations ternary
+  python experiments/cifar10.py --model mobilenetv2 --fp-depthwise   # depthwise convs float
+  python experiments/cifar10.py --model vit_tiny --weights twn --export exports/vit  # head float
   python experiments/cifar10.py --model resnet20 --weights ttq --init-from runs/FLOAT_RUN
   python experiments/cifar10.py --limit 512 --epochs 1 --batch-size 64   # smoke run
   python experiments/cifar10.py --model resnet18 --devices 8          # data parallel, 8 GPUs
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from pathlib import Path
 
 import jax
@@ -54,6 +57,11 @@ RECIPES = {
     "resnet20": dataclasses.replace(_SGD, epochs=100, batch_size=256, lr=0.2),
     "resnet18": dataclasses.replace(_SGD, epochs=40, batch_size=512, lr=0.2),
     "vgg7": dataclasses.replace(_SGD, epochs=40, batch_size=512, lr=0.1),
+    "mobilenetv2": dataclasses.replace(_SGD, epochs=40, batch_size=256, lr=0.2),
+    # ViT: AdamW with decoupled weight decay, a longer warm-up (transformers need one).
+    "vit_tiny": dataclasses.replace(_SGD, optimizer="adamw", nesterov=False, epochs=60,
+                                    batch_size=512, lr=1e-3, weight_decay=0.05,
+                                    warmup_epochs=5),
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -72,11 +80,20 @@ def _rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(default=jax.random.fold_in(key, 0), quant=jax.random.fold_in(key, 1))
 
 
+def _model_default(model: str, name: str):
+  """The default of a CIFAR model builder's keyword argument (False where it has none)."""
+  param = inspect.signature(tj.models.CIFAR_MODELS[model]).parameters.get(name)
+  return False if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def build_model(args: argparse.Namespace) -> nnx.Module:
-  """The model; with --init-from, the ternary twin of that float run's trained model."""
+  """The model; with --init-from, the ternary twin of that float run's trained model (the
+  depthwise convs stay float with --fp-depthwise: a rule)."""
   quant = tj.QuantConfig(weights=args.weights, activations=args.activations)
+  options = {"fp_depthwise": True} if args.fp_depthwise else {}
   build = lambda q, fp_first, fp_last, dtype: tj.models.CIFAR_MODELS[args.model](
-      q, fp_first=fp_first, fp_last=fp_last, dtype=DTYPES[dtype], rngs=_rngs(args.seed))
+      q, fp_first=fp_first, fp_last=fp_last, dtype=DTYPES[dtype], rngs=_rngs(args.seed),
+      **options)
   if not args.init_from:
     return build(quant, args.fp_first, args.fp_last, args.dtype)
   source = tjtrain.read_config(args.init_from)
@@ -87,7 +104,8 @@ def build_model(args: argparse.Namespace) -> nnx.Module:
                       source["fp_first"], source["fp_last"], source["dtype"])
   epoch = tjtrain.restore_model(args.init_from, float_model)
   tjdist.log(f"fine-tuning from {args.init_from}/checkpoints/{epoch}")
-  return tj.ternarize(float_model, [tj.Rule(r".*", quant)], rngs=_rngs(args.seed + 1),
+  rules = [tj.Rule(r".*\.depthwise", None)] if args.fp_depthwise else []
+  return tj.ternarize(float_model, [*rules, tj.Rule(r".*", quant)], rngs=_rngs(args.seed + 1),
                       sample_input=jnp.zeros((1, 32, 32, 3)), keep_first=args.fp_first,
                       keep_last=args.fp_last)
 
@@ -100,9 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="input quantization of every layer but the first")
   p.add_argument("--fp-first", action=argparse.BooleanOptionalAction, default=True,
                  help="keep the first conv's weights float (TTQ's setting; default)")
-  p.add_argument("--fp-last", action=argparse.BooleanOptionalAction, default=False,
-                 help="keep the classifier's weights float")
-  cli.add_run_arguments(p, export=False)
+  p.add_argument("--fp-last", action=argparse.BooleanOptionalAction,
+                 help="keep the classifier's weights float (default: vit_tiny yes, others no)")
+  p.add_argument("--fp-depthwise", action="store_true",
+                 help="mobilenetv2: keep the depthwise convs' weights float")
+  cli.add_run_arguments(p)
   p.add_argument("--schedule", choices=SCHEDULES)
   p.add_argument("--label-smoothing", type=float)
   p.add_argument("--weight-decay", type=float)
@@ -112,10 +132,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="fine-tune the ternary twin of this float run's last checkpoint")
   tjdist.add_arguments(p)
   args = p.parse_args(argv)
+  if args.fp_depthwise and args.model != "mobilenetv2":
+    p.error(f"--fp-depthwise applies to --model mobilenetv2 (no depthwise convs in {args.model})")
+  if args.fp_last is None:
+    args.fp_last = _model_default(args.model, "fp_last")
   if args.init_from and not (Path(args.init_from) / "config.json").is_file():
     p.error(f"--init-from {args.init_from}: no config.json there (not a run directory)")
   acts = "" if args.activations == "none" else f"-a{args.activations}"
-  args.out = args.out or f"runs/cifar10-{args.model}-{args.weights}{acts}-s{args.seed}"
+  dw = "-fpdw" if args.fp_depthwise else ""
+  args.out = args.out or f"runs/cifar10-{args.model}-{args.weights}{dw}{acts}-s{args.seed}"
   try:
     args.config = get_config(args)
     tjdist.check_arguments(args)
@@ -139,7 +164,8 @@ def main(argv=None) -> dict:
     model = build_model(args)
     tjdist.log(str(tj.summary(model)))
     meta = {"model": args.model, "weights": args.weights, "activations": args.activations,
-            "fp_first": args.fp_first, "fp_last": args.fp_last, "dtype": args.dtype,
+            "fp_first": args.fp_first, "fp_last": args.fp_last,
+            "fp_depthwise": args.fp_depthwise, "dtype": args.dtype,
             "init_from": args.init_from, "limit": args.limit}
     result = tjtrain.train_and_evaluate(args.config, model, data, args.out, resume=args.resume,
                                         resume_from=args.resume_from, overwrite=args.overwrite,
@@ -148,6 +174,8 @@ def main(argv=None) -> dict:
       logits = tjtrain.predict(model, data.x_test, args.config.eval_batch_size)
       tjreport.write(args.out, logits, data.y_test, CLASS_NAMES, subsets=subsets,
                      title=f"{args.model} {args.weights}", extra={**meta, "summary": result})
+      if args.export:
+        cli.export_trained(args, model, data, result, meta, CLASS_NAMES)
   tjdist.log(f"final test accuracy: {result['test_accuracy']:.4f} (exact records "
              f"{result['test_accuracy_exact']:.4f}; {args.model}, {args.weights}; "
              f"{result['train_time_s']:.1f} s training, {result['train_images_per_s']:,.0f} "

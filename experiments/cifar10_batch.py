@@ -4,6 +4,8 @@ their results into few files (a GPU call brings back at most 8 files).
   python experiments/cifar10_batch.py probe --data-dir /root/c10/bin --out $OUT
   python experiments/cifar10_batch.py main1 --data-dir /root/c10/bin --out $OUT --budget-s 420
   python experiments/cifar10_batch.py main2 ...  # after main1 on the same machine
+  python experiments/cifar10_batch.py zoo --data-dir /root/c10/bin --out $OUT --limit-s 330
+  python experiments/cifar10_batch.py twins --data-dir /root/c10/bin --out $OUT --limit-s 240
 
 Plans are phases run one after another; the runs of a phase share the GPU as separate
 processes (XLA_PYTHON_CLIENT_PREALLOCATE=false, one persistent compilation cache, so the seeds
@@ -12,6 +14,12 @@ checkpoints stay; ``cifar10.py --resume`` continues it). Run directories (with c
 live under --work; --out receives results.md and results.json (every run's summary, the
 benchmark rows), cifar10_PLAN.tar.gz (each run's summary/metrics/report JSON, PNGs and log
 tail), and the confusion and confidence PNGs of the best ternary ResNet-18.
+
+Runs with ``--export`` (the ``zoo`` and ``twins`` plans) also get, in results.json/md, the
+export's size (bytes, bits per ternary weight: ternjax.export.size_report) and its inference
+throughput on this GPU (ternjax-predict's measurement, the JAX runtime on the 10,000 test
+images); the exports of the zoo's entries (``ZOO``) come back as zoo_exports.tar.gz, which
+``experiments/build_zoo.py --from-batch`` turns into zoo entries.
 """
 
 from __future__ import annotations
@@ -42,6 +50,19 @@ def _train(name, model, *extra, epochs=None):
   return name, model, [*CIFAR, "--model", model, *extra], epochs
 
 
+def _exported(name, model, *extra, epochs=None):
+  return _train(name, model, *extra, "--export", f"{{work}}/exports/{name}", epochs=epochs)
+
+
+# Epochs of the zoo and twins plans (float and ternary twins get the same), sized so that each
+# plan's runs, sharing one H200, train and export in about 330 / 240 s.
+ZOO_EPOCHS = {"resnet20": 60, "mobilenetv2": 20, "vit_tiny": 30}
+# run name -> zoo entry name (experiments/build_zoo.py --from-batch)
+ZOO = {"resnet20-ttq": "resnet20-cifar10-ttq", "resnet20-twn": "resnet20-cifar10-twn",
+       "mobilenetv2-twn": "mobilenetv2-cifar10-twn", "vit_tiny-twn": "vit_tiny-cifar10-twn",
+       "mobilenetv2-twn-fpdw": "mobilenetv2-cifar10-twn-fpdw"}
+
+
 def plans() -> dict[str, list[list[tuple]]]:
   """name -> phases -> (run name, model, argv, epochs or None: the model's --epochs).
 
@@ -65,7 +86,19 @@ def plans() -> dict[str, list[list[tuple]]]:
       _train("vgg7-fp", "vgg7", "--weights", "fp"),
       _train("vgg7-twn", "vgg7", "--weights", "twn"),
   ]]
-  return {"probe": probe, "main1": main1, "main2": main2}
+  zoo = [[_exported(f"{m}-{w}", m, "--weights", w, epochs=ZOO_EPOCHS[m])
+          for m, w in (("resnet20", "ttq"), ("resnet20", "twn"), ("mobilenetv2", "twn"),
+                       ("vit_tiny", "twn"))]]
+  twins = [
+      [_exported("mobilenetv2-fp", "mobilenetv2", "--weights", "fp",
+                 epochs=ZOO_EPOCHS["mobilenetv2"]),
+       _exported("mobilenetv2-twn-fpdw", "mobilenetv2", "--weights", "twn", "--fp-depthwise",
+                 epochs=ZOO_EPOCHS["mobilenetv2"]),
+       _exported("vit_tiny-fp", "vit_tiny", "--weights", "fp", epochs=ZOO_EPOCHS["vit_tiny"])],
+      [("bench", None, [*BENCH, "--models", "resnet18", "mobilenetv2", "vit_tiny", "--weights",
+                        "fp", "twn", "--steps", "10", "--repeats", "2"], None)],
+  ]
+  return {"probe": probe, "main1": main1, "main2": main2, "zoo": zoo, "twins": twins}
 
 
 def fit_epochs(phase, args, work: Path, env) -> dict[str, int]:
@@ -100,7 +133,7 @@ def _launch(name, model, argv, epochs, args, work: Path, env,
             fitted: dict) -> tuple[str, subprocess.Popen]:
   argv = [a.format(work=work) for a in argv]
   if model is not None:
-    epochs = epochs or fitted.get(model) or args.epochs.get(model)
+    epochs = args.epochs.get(model) or epochs or fitted.get(model)
     argv += ["--data-dir", args.data_dir, "--out", str(work / name), "--overwrite"]
     argv += ["--epochs", str(epochs)] if epochs else []
   else:
@@ -130,6 +163,24 @@ def run_plan(args) -> list[dict]:
       results.append({"run": name, "exit": code, "wall_s": round(time.monotonic() - start, 1)})
       print(f"done {name}: exit {code}, {results[-1]['wall_s']} s", flush=True)
   return results
+
+
+def exported(export: Path, data_dir: Path) -> dict:
+  """An export's size and its inference throughput on this machine (ternjax-predict)."""
+  from ternjax import export as tjexport
+  size = tjexport.size_report(export)
+  result = {"disk_bytes": size["disk_bytes"], "array_bytes": size["array_bytes"],
+            "bits_with_scales": size["bits_with_scales"],
+            "ternary_weights": size["ternary_weights"], "float32_bytes": size["float32_bytes"]}
+  try:
+    run = subprocess.run([sys.executable, "-m", "ternjax.predict", str(export), "--json",
+                          "--batch-size", "500", "--data-dir", str(data_dir)],
+                         capture_output=True, text=True, check=True, timeout=120)
+    timed = json.loads(run.stdout)
+    result.update(export_accuracy=timed["accuracy"], infer_images_per_s=timed["images_per_s"])
+  except (subprocess.SubprocessError, ValueError) as err:
+    result["infer_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+  return result
 
 
 def gather(args, results: list[dict]) -> None:
@@ -163,6 +214,18 @@ def gather(args, results: list[dict]) -> None:
                    "compile_time_s": summary.get("compile_time_s"),
                    "train_images_per_s": summary.get("train_images_per_s"),
                    "sparsity": last.get("sparsity")})
+      if (work / "exports" / r["run"] / "checksums.json").exists():
+        rows[-1].update(exported(work / "exports" / r["run"], args.data_dir))
+  zoo = {ZOO[r["run"]]: r["run"] for r in results if r["run"] in ZOO and
+         (work / "exports" / r["run"] / "checksums.json").exists()}
+  if zoo:
+    with tarfile.open(out / "zoo_exports.tar.gz", "w:gz") as tar:
+      for entry, run in zoo.items():
+        tar.add(work / "exports" / run, entry)
+      listing = json.dumps(sorted(zoo)).encode()
+      info = tarfile.TarInfo("zoo_entries.json")
+      info.size = len(listing)
+      tar.addfile(info, io.BytesIO(listing))
   best = work / "resnet18-twn"
   for name in ("confusion.png", "confidence.png"):
     if (best / name).exists():
@@ -178,6 +241,14 @@ def gather(args, results: list[dict]) -> None:
                  f"| {pct(r['test_accuracy_exact'])} | {pct(r['test_accuracy_degraded'])} "
                  f"| {r['train_time_s'] or 0:.0f} | {r['compile_time_s'] or 0:.0f} "
                  f"| {r['train_images_per_s'] or 0:,.0f} |")
+  sized = [r for r in rows if "disk_bytes" in r]
+  if sized:
+    lines += ["", "| run | export bytes | bits/weight (codes+scales) | ternary weights | float32 "
+              "bytes | export acc % | inference img/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['disk_bytes']:,} | {r['bits_with_scales']:.3f} | "
+              f"{r['ternary_weights']:,} | {r['float32_bytes']:,} | "
+              f"{pct(r.get('export_accuracy'))} | {r.get('infer_images_per_s', 0):,.0f} |"
+              for r in sized]
   if bench:
     lines += ["", "| model | weights | batch | ms/step | img/s | x float |",
               "|---|---|---|---|---|---|"]
@@ -195,7 +266,7 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="where the gathered results go ($OUT)")
   p.add_argument("--work", default="/tmp/cifar10_runs", help="run directories (checkpoints)")
   p.add_argument("--epochs", nargs="*", default=[], metavar="MODEL=N",
-                 help="epochs per model (else the recipe's)")
+                 help="epochs per model (over the plan's and the recipe's)")
   p.add_argument("--limit-s", type=cli.positive_float, default=510,
                  help="wall-clock limit per phase")
   p.add_argument("--budget-s", type=cli.positive_float,

@@ -34,7 +34,6 @@ import ternjax as tj
 from ternjax import cli
 from ternjax import data as tjdata
 from ternjax import distributed as tjdist
-from ternjax import export as tjexport
 from ternjax import report as tjreport
 from ternjax.layers import ACTIVATION_METHODS, WEIGHT_METHODS
 from ternjax.train import TrainConfig, predict, train_and_evaluate
@@ -114,11 +113,7 @@ def main(argv=None) -> dict:
                f"{args.weights}, {data.name}; {result['train_time_s']:.1f} s training on "
                f"{result['devices']} × {result['device']}) -> {args.out}/summary.json")
     if args.export and tjdist.is_main():
-      path = tjexport.export(model, args.export, model_name=args.model,
-                             input_shape=data.x_test.shape[1:], classes=data.num_classes,
-                             accuracy=result["test_accuracy"], extra={"dataset": data.name, **meta},
-                             overwrite=args.overwrite)
-      tjdist.log(f"export: {path} ({tjexport.size_report(path)['disk_bytes']:,} bytes on disk)")
+      cli.export_trained(args, model, data, result, meta, CLASS_NAMES[args.dataset])
   return result
 
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("convert", "data", "distributed", "export", "layers", "model_summary", "models",
                "ops", "packing", "predict", "quantizers", "report", "runtime_numpy", "tracing",
-               "train")
+               "train", "zoo")
 _NAMES = {
     "ternjax.convert": ("Rule", "ternarize"),
     "ternjax.layers": ("QuantConfig", "TernaryConv", "TernaryConvGeneral", "TernaryDotGeneral",

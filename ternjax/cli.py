@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -125,6 +126,33 @@ def preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argp
       parser.error(f"--export {args.export} exists: pass --overwrite to replace it, or another "
                    "--export (checked before training)")
   return args
+
+
+def command_line() -> str:
+  """This process's command line as a shell command (recorded in exports: how it was made)."""
+  return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def export_trained(args: argparse.Namespace, model, data, result: dict, meta: dict,
+                   classes) -> Path:
+  """Writes ``--export`` after training: the test accuracy, dataset, run settings and this
+  command line go into the export's metadata (``extra``); returns its path. Without jax2onnx
+  installed (a GPU image, for example), the export has no ``model.onnx`` (said so)."""
+  import importlib.util
+
+  from ternjax import export as tjexport
+  onnx = importlib.util.find_spec("jax2onnx") is not None
+  if not onnx:
+    print("note: jax2onnx is not installed: the export has no model.onnx (JAX runtime only)",
+          flush=True)
+  path = tjexport.export(model, args.export, model_name=meta["model"],
+                         input_shape=data.x_test.shape[1:], classes=list(classes),
+                         accuracy=result["test_accuracy"], overwrite=args.overwrite,
+                         extra={"dataset": data.name, **meta, "command": command_line(),
+                                "summary": result}, onnx=onnx)
+  print(f"export: {path} ({tjexport.size_report(path)['disk_bytes']:,} bytes on disk)",
+        flush=True)
+  return path
 
 
 @contextlib.contextmanager

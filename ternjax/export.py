@@ -600,12 +600,12 @@ def _segment_specs(closed: jcore.ClosedJaxpr) -> list[jax.ShapeDtypeStruct]:
 
 
 def _params(meta: dict, arrays: dict) -> dict:
-  """Device arrays of an export; ternary codes as bitplanes (still 2 bits per weight)."""
+  """Device arrays of an export; ternary codes as bitplanes (still 2 bits per weight),
+  converted with NumPy (a jitted conversion would compile for most of the load time)."""
   rows = {node["inputs"][node["spec"]["operands"].index("codes")]: node["spec"]["rows"]
           for node in meta["graph"]["nodes"] if node["op"] == "ternary"}
-  planes = jax.jit(lambda codes: {k: packing.bitplanes_from_codes(c, rows[k], 0)
-                                  for k, c in codes.items()})({k: arrays[k] for k in rows})
-  return {k: planes[k] if k in planes else jnp.asarray(v) for k, v in arrays.items()}
+  return jax.device_put({k: packing.bitplanes_from_codes(np.asarray(v), rows[k], 0)
+                         if k in rows else v for k, v in arrays.items()})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -805,23 +805,55 @@ def _max_pool_slices(x, *, window_dimensions, window_strides, padding, base_dila
   return result
 
 
+def _pad_constant(x, value, *, padding_config):
+  """``lax.pad`` (constant, no interior or negative padding) as a concatenation of strided
+  copies of an edge slice set to ``value``: jax2onnx's ``pad`` conversion fails on symbolic
+  batch sizes (ResNet's option-A shortcuts pad channels)."""
+  if any(i != 0 or lo < 0 or hi < 0 for lo, hi, i in padding_config):
+    raise ExportError("interior or negative padding has no ONNX form here")
+  for axis, (lo, hi, _) in enumerate(padding_config):
+    if lo or hi:
+      fill = lax.slice_in_dim(x, 0, 1, axis=axis) * 0 + value
+      x = jnp.concatenate([fill] * lo + [x] + [fill] * hi, axis=axis)
+  return x
+
+
+# Primitives that segments replay through another function for jax2onnx: (operands, params).
+_ONNX_REPLACEMENTS = {
+    "reduce_window_max": lambda args, params: _max_pool_slices(args[0], **params),
+    "pad": lambda args, params: _pad_constant(*args, **params),
+}
+
+
+def _replaced(jaxpr: jcore.Jaxpr) -> bool:
+  """Whether ``jaxpr`` (or a jaxpr called from it) holds a primitive to replace."""
+  return any(e.primitive.name in _ONNX_REPLACEMENTS or
+             any(_replaced(sub) for sub in tracing.sub_jaxprs(e)) for e in jaxpr.eqns)
+
+
 def _onnx_segment(closed: jcore.ClosedJaxpr) -> Callable:
-  """A segment as a function for jax2onnx, ``reduce_window_max`` as :func:`_max_pool_slices`
-  (jax2onnx makes an N-d MaxPool of NHWC pooling, which onnxruntime does not run)."""
-  jaxpr = closed.jaxpr
-  if all(e.primitive.name != "reduce_window_max" for e in jaxpr.eqns):
+  """A segment as a function for jax2onnx, with :data:`_ONNX_REPLACEMENTS` (jax2onnx makes an
+  N-d MaxPool of NHWC pooling, which onnxruntime does not run, and fails on ``lax.pad`` of a
+  symbolic batch), also inside the jitted functions a segment calls (``jnp.pad`` is one)."""
+  if not _replaced(closed.jaxpr):
     return jcore.jaxpr_as_fun(closed)
+  jaxpr = closed.jaxpr
 
   def one(eqn):  # a single equation as a function of its variables
     ins = list(dict.fromkeys(v for v in eqn.invars if isinstance(v, jcore.Var)))
     return ins, jcore.jaxpr_as_fun(jcore.ClosedJaxpr(_jaxpr(ins, eqn.outvars, [eqn]), []))
 
   def fn(*args):
-    env = dict(zip(jaxpr.invars, args))
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
     read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "reduce_window_max":
-        outs = [_max_pool_slices(read(eqn.invars[0]), **eqn.params)]
+      replace = _ONNX_REPLACEMENTS.get(eqn.primitive.name)
+      inner = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+      if replace is not None:
+        outs = [replace([read(v) for v in eqn.invars], eqn.params)]
+      elif isinstance(inner, jcore.ClosedJaxpr) and _replaced(inner.jaxpr):
+        outs = _onnx_segment(inner)(*map(read, eqn.invars))
       else:
         ins, f = one(eqn)
         outs = f(*map(read, ins))
@@ -921,11 +953,28 @@ def _check_written(path: Path, model: nnx.Module, probe: np.ndarray, onnx: bool)
   return report
 
 
+def _compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+  """``model``, or a copy whose modules compute in ``dtype`` (their ``dtype`` attribute, where
+  set: Flax layers promote inputs and parameters to it); parameters are not changed."""
+  if dtype is None:
+    return model
+  modules = [m for _, m in nnx.iter_modules(model)
+             if getattr(m, "dtype", None) not in (None, jnp.dtype(dtype))]
+  if not modules:
+    return model
+  clone = nnx.clone(model)
+  for _, m in nnx.iter_modules(clone):
+    if getattr(m, "dtype", None) is not None:
+      object.__setattr__(m, "dtype", jnp.dtype(dtype))
+  return clone
+
+
 def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequence[int],
            classes: int | Sequence[str], method: str | None = None,
            accuracy: float | None = None, input_divisor: float = 255.0,
            extra: dict | None = None, overwrite: bool = False, onnx: bool = True,
-           platforms: Sequence[str] = PLATFORMS, probe=None) -> Path:
+           platforms: Sequence[str] = PLATFORMS, probe=None,
+           compute_dtype="float32") -> Path:
   """Writes ``model`` (eval mode: running statistics) as an inference export; returns its path.
 
   Args:
@@ -943,10 +992,15 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
     platforms: the ``jax.export`` platforms of the serialized segments.
     probe: inputs on which the written export must agree with the model (default: four
       uniform random images in [0, 1)).
+    compute_dtype: the float code's compute dtype: the exported copy's modules compute in it
+      (a model trained in bfloat16 exports as float32: ONNX runtimes lack bfloat16 kernels for
+      most operators, and the ternary layers' integer sums are exact either way); None keeps
+      the model's.
   """
   if Path(directory).exists() and not overwrite:
     raise ExportError(f"{Path(directory).absolute()} exists; pass overwrite=True "
                       "(--overwrite) to replace it")
+  model = _compute_dtype(model, compute_dtype)
   input_shape = tuple(int(d) for d in input_shape)
   classes = [str(c) for c in (range(classes) if isinstance(classes, int) else classes)]
   traced = _trace_model(model, input_shape)

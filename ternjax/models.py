@@ -6,7 +6,8 @@ The vocabulary (what export, the NumPy runtime and the operation census understa
 Inputs are NHWC images (``(B, 28, 28, 1)`` for MNIST); :class:`Flatten` makes them vectors.
 
 CIFAR-10 models (``CIFAR_MODELS``, ``(B, 32, 32, 3)`` inputs): the residual networks are
-modules of their own (:class:`ResNet` of :class:`BasicBlock`); VGG-7 is a stack as above.
+modules of their own (:class:`ResNet` of :class:`BasicBlock`, :class:`MobileNetV2` of
+:class:`InvertedResidual`), as is :class:`ViT` (ViT-tiny); VGG-7 is a stack as above.
 """
 
 from __future__ import annotations
@@ -226,7 +227,148 @@ def vgg7(quant: QuantConfig, *, fp_first: bool = True, fp_last: bool = False,
       TernaryLinear(1024, num_classes, quant=last, dtype=dtype, rngs=rngs))
 
 
-CIFAR_MODELS = {"resnet20": resnet20, "resnet18": resnet18, "vgg7": vgg7}
+class InvertedResidual(nnx.Module):
+  """MobileNetV2's block (Sandler et al. 2018): 1×1 expansion conv-BN-ReLU (none when the
+  expansion is 1), 3×3 depthwise conv-BN-ReLU (``feature_group_count`` = channels, stride
+  here), 1×1 linear projection conv-BN; the input is added when the shape is kept."""
+
+  def __init__(self, cin: int, cout: int, stride: int, expansion: int, quant: QuantConfig,
+               depthwise: QuantConfig, *, dtype=None, rngs: nnx.Rngs):
+    hidden = cin * expansion
+    self.expand = nnx.data(nnx.Sequential(_conv(cin, hidden, 1, 1, quant, dtype, rngs),
+                                          _bn(hidden, rngs, dtype)) if expansion != 1 else None)
+    self.depthwise = TernaryConv(hidden, hidden, (3, 3), stride, padding=1, use_bias=False,
+                                 feature_group_count=hidden, quant=depthwise, dtype=dtype,
+                                 rngs=rngs)
+    self.bn = _bn(hidden, rngs, dtype)
+    self.project = _conv(hidden, cout, 1, 1, quant, dtype, rngs)
+    self.bn_project = _bn(cout, rngs, dtype)
+    self.relu = _relu(quant)
+    self.residual = stride == 1 and cin == cout
+
+  def __call__(self, x):
+    y = x if self.expand is None else self.relu(self.expand(x))
+    y = self.bn_project(self.project(self.relu(self.bn(self.depthwise(y)))))
+    return x + y if self.residual else y
+
+
+# (expansion, channels, blocks, stride of the first block): MobileNetV2's table with the CIFAR
+# strides (the stem and the second stage keep stride 1: 32×32 inputs end at 4×4, not 1×1).
+MOBILENETV2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                      (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class MobileNetV2(nnx.Module):
+  """MobileNetV2 for CIFAR: 3×3 stem conv (32, stride 1), ``stages`` (default
+  :data:`MOBILENETV2_STAGES`) of :class:`InvertedResidual`, 1×1 conv to 1280, global average
+  pool, linear; 2.2 M parameters.
+
+  ``fp_depthwise`` keeps the depthwise convs float (9 weights per channel: a rule that keeps
+  them out of ternarization), else they are ternary like the other inner convs.
+  """
+
+  def __init__(self, quant: QuantConfig, *, fp_first: bool = True, fp_last: bool = False,
+               fp_depthwise: bool = False, stages=MOBILENETV2_STAGES, num_classes: int = 10,
+               dtype=None, rngs: nnx.Rngs):
+    first, inner, last = _cifar_quants(quant, fp_first, fp_last)
+    depthwise = dataclasses.replace(FP, activations=quant.activations) if fp_depthwise else inner
+    self.stem = _conv(3, 32, 3, 1, first, dtype, rngs)
+    self.bn = _bn(32, rngs, dtype)
+    blocks, cin = [], 32
+    for expansion, cout, n, stride in stages:
+      for j in range(n):
+        blocks.append(InvertedResidual(cin, cout, stride if j == 0 else 1, expansion, inner,
+                                       depthwise, dtype=dtype, rngs=rngs))
+        cin = cout
+    self.blocks = nnx.List(blocks)
+    self.last_conv = _conv(cin, 1280, 1, 1, inner, dtype, rngs)
+    self.last_bn = _bn(1280, rngs, dtype)
+    self.relu = _relu(quant)
+    self.head = TernaryLinear(1280, num_classes, quant=last, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.relu(self.bn(self.stem(x)))
+    for block in self.blocks:
+      x = block(x)
+    x = self.relu(self.last_bn(self.last_conv(x)))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def mobilenetv2(quant: QuantConfig, **kwargs) -> MobileNetV2:
+  """MobileNetV2, CIFAR strides (:class:`MobileNetV2`)."""
+  return MobileNetV2(quant, **kwargs)
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x)).
+
+  Attention is written out so that its projections are ternjax layers: one ``qkv``
+  :class:`~ternjax.TernaryLinear` (dim → 3·dim), scaled dot products and softmax in float32
+  (einsums: float code between the ternary layers), an ``out`` projection; the MLP is
+  dim → mlp_dim (GELU) → dim, both :class:`~ternjax.TernaryLinear`.
+  """
+
+  def __init__(self, dim: int, heads: int, mlp_dim: int, quant: QuantConfig, *, dtype=None,
+               rngs: nnx.Rngs):
+    self.heads = heads
+    self.ln1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.qkv = TernaryLinear(dim, 3 * dim, quant=quant, dtype=dtype, rngs=rngs)
+    self.out = TernaryLinear(dim, dim, quant=quant, dtype=dtype, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.fc1 = TernaryLinear(dim, mlp_dim, quant=quant, dtype=dtype, rngs=rngs)
+    self.fc2 = TernaryLinear(mlp_dim, dim, quant=quant, dtype=dtype, rngs=rngs)
+
+  def attention(self, x):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads), 3, axis=2)
+    q, k, v = (a[:, :, 0] for a in (q, k, v))                        # (B, T, heads, d_head)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(d / self.heads)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d))
+
+  def __call__(self, x):
+    x = x + self.attention(self.ln1(x))
+    return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+
+class ViT(nnx.Module):
+  """Vision Transformer for 32×32 images: a patch embedding (a ``patch``×``patch`` conv with
+  stride ``patch``: 64 tokens of 4×4 pixels), learned position embeddings, ``depth``
+  :class:`EncoderBlock` s, a final LayerNorm, mean over the tokens, a linear head.
+
+  The patch embedding is the first layer (``fp_first``) and the head the last (``fp_last``,
+  float by default here); the LayerNorms are float.
+  """
+
+  def __init__(self, quant: QuantConfig, *, dim: int = 192, depth: int = 6, heads: int = 3,
+               mlp_dim: int = 768, patch: int = 4, image: int = 32, fp_first: bool = True,
+               fp_last: bool = True, num_classes: int = 10, dtype=None, rngs: nnx.Rngs):
+    first, inner, last = _cifar_quants(quant, fp_first, fp_last)
+    self.embed = TernaryConv(3, dim, (patch, patch), patch, padding="VALID", quant=first,
+                             dtype=dtype, rngs=rngs)
+    tokens = (image // patch) ** 2
+    self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, tokens, dim)))
+    self.blocks = nnx.List([EncoderBlock(dim, heads, mlp_dim, inner, dtype=dtype, rngs=rngs)
+                            for _ in range(depth)])
+    self.ln = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+    self.head = TernaryLinear(dim, num_classes, quant=last, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.embed(x)
+    x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.position[...].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(self.ln(x).mean(axis=1))
+
+
+def vit_tiny(quant: QuantConfig, *, fp_last: bool = True, **kwargs) -> ViT:
+  """ViT-tiny for CIFAR-10: 4×4 patches, dim 192, 3 heads, MLP 768, depth 6 (ViT-Ti has 12;
+  6 trains in minutes on one H200), 2.7 M parameters; the head float unless ``fp_last=False``."""
+  return ViT(quant, fp_last=fp_last, **kwargs)
+
+
+CIFAR_MODELS = {"resnet20": resnet20, "resnet18": resnet18, "vgg7": vgg7,
+                "mobilenetv2": mobilenetv2, "vit_tiny": vit_tiny}
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ bitplanes      1 in ``pos`` + 1 in ``neg``   32 / uint32   along one axis (the c
 
 Padding trits are 0 (both planes clear), so in a contraction they add nothing: a padded word
 can never change a result. Bitplanes feed the popcount GEMM; 2-bit codes are the compact
-storage format. ``unpack_*(pack_*(t)) == t`` for every shape.
+storage format. ``unpack_*(pack_*(t)) == t`` for every shape. NumPy arrays are packed and
+unpacked with NumPy (no compilation: loading an export converts its codes this way), JAX
+arrays with ``jax.numpy``; both give the same words.
 """
 
 from __future__ import annotations
@@ -56,24 +58,32 @@ def num_words(length: int, per_word: int = WORD_BITS) -> int:
   return -(-length // per_word)
 
 
+def _xp(x):
+  """The array module of ``x``: NumPy for NumPy arrays, else ``jax.numpy``."""
+  return np if isinstance(x, np.ndarray) else jnp
+
+
 def _pad_axis_last(x: jax.Array, axis: int, multiple: int) -> jax.Array:
-  x = jnp.moveaxis(x, axis, -1)
+  xp = _xp(x)
+  x = xp.moveaxis(x, axis, -1)
   pad = num_words(x.shape[-1], multiple) * multiple - x.shape[-1]
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return xp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
 def _pack_bits(bits: jax.Array, axis: int) -> jax.Array:
-  bits = _pad_axis_last(bits.astype(jnp.uint32), axis, WORD_BITS)
+  xp = _xp(bits)
+  bits = _pad_axis_last(bits.astype(np.uint32), axis, WORD_BITS)
   bits = bits.reshape(*bits.shape[:-1], -1, WORD_BITS)
-  words = jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-  return jnp.moveaxis(words, -1, axis)
+  words = xp.sum(bits << xp.arange(WORD_BITS, dtype=np.uint32), axis=-1, dtype=np.uint32)
+  return xp.moveaxis(words, -1, axis)
 
 
 def _unpack_bits(words: jax.Array, length: int, axis: int) -> jax.Array:
-  words = jnp.moveaxis(words, axis, -1)
-  bits = (words[..., None] >> jnp.arange(WORD_BITS, dtype=jnp.uint32)) & 1
+  xp = _xp(words)
+  words = xp.moveaxis(words, axis, -1)
+  bits = (words[..., None] >> xp.arange(WORD_BITS, dtype=np.uint32)) & 1
   bits = bits.reshape(*words.shape[:-1], -1)[..., :length]
-  return jnp.moveaxis(bits, -1, axis)
+  return xp.moveaxis(bits, -1, axis)
 
 
 def pack_bitplanes(t: jax.Array, axis: int = -1) -> Bitplanes:
@@ -102,12 +112,13 @@ def pack_codes(t: jax.Array, axis: int = -1) -> jax.Array:
 
 def unpack_codes(packed: jax.Array, length: int, axis: int = -1, dtype=jnp.int8) -> jax.Array:
   """Inverse of :func:`pack_codes`; ``length`` is the unpadded size of ``axis``."""
+  xp = _xp(packed)
   axis = axis % packed.ndim
-  packed = jnp.moveaxis(packed, axis, -1)
+  packed = xp.moveaxis(packed, axis, -1)
   codes = (packed[..., None] >> _CODE_SHIFTS) & 3
   codes = codes.reshape(*packed.shape[:-1], -1)[..., :length]
   t = (codes == 1).astype(dtype) - (codes == 2).astype(dtype)
-  return jnp.moveaxis(t, -1, axis)
+  return xp.moveaxis(t, -1, axis)
 
 
 def bitplanes_from_codes(packed: jax.Array, length: int, axis: int) -> Bitplanes:

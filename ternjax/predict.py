@@ -2,6 +2,7 @@
 
     ternjax-predict EXPORT_DIR [IMAGE ...] [--runtime jax|numpy|onnxruntime]
     ternjax-predict EXPORT_DIR [--dataset mnist] [--split test]
+    ternjax-predict --zoo NAME [IMAGE ...]         # a model shipped in the package (ternjax.zoo)
 
 Image files (PNG, JPEG, ...: anything Pillow reads; ``pip install 'ternjax[images]'``) are
 converted to the export's channels (grayscale or RGB) and must have its height and width; each
@@ -34,15 +35,22 @@ def _batches(x: np.ndarray, size: int):
     yield chunk, n
 
 
-def run(net, images: np.ndarray, labels: np.ndarray, divisor: float, batch_size: int) -> dict:
-  """Accuracy and throughput of ``net`` (images -> logits) on uint8 ``images``."""
+def classify(net, images: np.ndarray, divisor: float,
+             batch_size: int) -> tuple[np.ndarray, list[tuple[float, int]]]:
+  """Predicted classes of uint8 ``images`` by ``net`` (images -> logits), and the (seconds,
+  images) of each batch."""
   predictions, times = [], []
   for chunk, n in _batches(images, batch_size):
     start = time.perf_counter()
     logits = np.asarray(net(chunk.astype(np.float32) / np.float32(divisor)))
     times.append((time.perf_counter() - start, n))
     predictions.append(logits[:n].argmax(-1))
-  predictions = np.concatenate(predictions)
+  return np.concatenate(predictions), times
+
+
+def run(net, images: np.ndarray, labels: np.ndarray, divisor: float, batch_size: int) -> dict:
+  """Accuracy and throughput of ``net`` (images -> logits) on uint8 ``images``."""
+  predictions, times = classify(net, images, divisor, batch_size)
   timed = times[1:] or times
   seconds = sum(t for t, _ in timed)
   return dict(accuracy=float(np.mean(predictions == labels)),
@@ -73,6 +81,9 @@ def read_images(paths, input_shape) -> np.ndarray:
 
 def _load(args):
   from ternjax import runtime_numpy
+  if args.zoo:
+    from ternjax import zoo
+    args.export = zoo.path(args.zoo)
   if args.runtime != "jax":
     net = runtime_numpy.load(args.export, model=args.model,
                              engine="numpy" if args.runtime == "numpy" else "onnxruntime")
@@ -97,7 +108,9 @@ def _classify(net, paths, meta) -> list[dict]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="ternjax-predict", description=__doc__.splitlines()[0])
   p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
-  p.add_argument("export", help="export directory (ternjax.export)")
+  p.add_argument("export", nargs="?", help="export directory (ternjax.export)")
+  p.add_argument("--zoo", metavar="NAME", help="a model shipped in the package (ternjax.zoo), "
+                 "instead of an export directory")
   p.add_argument("images", nargs="*", help="image files to classify (else a dataset split)")
   p.add_argument("--dataset", help="mnist, fashion_mnist, cifar10 (default: the export's)")
   p.add_argument("--split", choices=("test", "train"), default="test")
@@ -110,6 +123,10 @@ def main(argv=None) -> int:
   p.add_argument("--limit", type=int, help="only the first N examples")
   p.add_argument("--json", action="store_true", help="print the result as JSON")
   args = p.parse_args(argv)
+  if args.zoo is not None and args.export is not None:  # with --zoo, every argument is an image
+    args.images, args.export = [args.export, *args.images], None
+  if args.export is None and args.zoo is None:
+    p.error("give an export directory, or --zoo NAME")
   if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
     p.error("--batch-size and --limit must be positive")
 

@@ -41,7 +41,8 @@ def test_models_build_and_run(name):
   layers = [m for _, m in nnx.iter_modules(ternary) if isinstance(m, (tj.TernaryConv,
                                                                       tj.TernaryLinear))]
   weights = [m.quant.config.weights for m in layers]
-  assert weights.count("fp") == 1 and len(layers) >= 8  # first conv float, the rest ternary
+  # first conv float (ViT: and the head), the rest ternary
+  assert weights.count("fp") == (2 if name == "vit_tiny" else 1) and len(layers) >= 8
   both = models.CIFAR_MODELS[name](tj.QuantConfig(weights="ttq", activations="ternary"),
                                    fp_first=False, fp_last=True, rngs=nnx.Rngs(0))
   order = tj.convert.call_order(both, x[:1])
@@ -115,12 +116,28 @@ def test_smoke_run_writes_everything_then_init_from(cifar, tmp_path, capsys):
     (["--limit", "0"], "--limit"),
     (["--dtype", "float16"], "--dtype"),
     (["--init-from", "/nonexistent"], "--init-from"),
+    (["--model", "resnet20", "--fp-depthwise"], "--fp-depthwise applies to --model mobilenetv2"),
 ])
 def test_bad_arguments_one_line(argv, words, capsys, tmp_path):
   with pytest.raises(SystemExit) as exit_:
     cli.main(argv + ["--out", str(tmp_path / "run")])
   err = capsys.readouterr().err
   assert exit_.value.code == 2 and err.count("\n") == 1 and words in err
+
+
+def test_model_defaults_and_fp_depthwise(tmp_path):
+  """ViT's head is float unless --no-fp-last; --fp-depthwise keeps MobileNetV2's depthwise
+  convs float (in the run's name too)."""
+  parse = lambda *a: cli.parse_args([*a, "--out", str(tmp_path / "r")])
+  assert parse("--model", "vit_tiny").fp_last is True
+  assert parse("--model", "vit_tiny", "--no-fp-last").fp_last is False
+  assert parse("--model", "resnet20").fp_last is False
+  args = cli.parse_args(["--model", "mobilenetv2", "--fp-depthwise"])
+  assert args.out == "runs/cifar10-mobilenetv2-twn-fpdw-s0"
+  convs = [m for _, m in nnx.iter_modules(cli.build_model(args))
+           if isinstance(m, tj.TernaryConv) and m.in_features > 3]  # all but the stem
+  weights = {(m.feature_group_count > 1, m.quant.config.weights) for m in convs}
+  assert weights == {(True, "fp"), (False, "twn")}
 
 
 def test_bad_argument_subprocess_exit_2():

@@ -507,3 +507,35 @@ def test_trained_models_full_test_set_fresh_process(name, tmp_path):
   assert result["eval_accuracy"] > 0.2 and result["test_examples"] == 2000  # 32 steps
   assert result["size"]["bits_codes"] <= 2.05  # 2 bits, rows padded to multiples of 4
   assert result["size"]["onnx_bits_with_scales"] == result["size"]["bits_with_scales"]
+
+
+CIFAR_ZOO_CASES = {  # small versions of the CIFAR zoo architectures (the registered ones:
+    # experiments/results/zoo.md): model name, builder arguments
+    "vit": ("vit_tiny", dict(dim=48, depth=1, mlp_dim=96)),
+    "mobilenetv2": ("mobilenetv2", dict(stages=((1, 16, 1, 1), (6, 24, 2, 2)))),
+    "mobilenetv2-fp_depthwise": ("mobilenetv2", dict(stages=((6, 24, 1, 2),), fp_depthwise=True)),
+    "resnet-option_A": ("resnet", dict(widths=(8, 16), depth=1, shortcut="A")),  # lax.pad
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CIFAR_ZOO_CASES)
+def test_cifar_zoo_architectures_every_runtime(case, tmp_path):
+  """Attention (einsums, softmax), depthwise ternary convs, zero-padded shortcuts, bfloat16
+  compute (exported as float32): every runtime agrees with the model computing in float32."""
+  from ternjax import models
+  name, kw = CIFAR_ZOO_CASES[case]
+  build = (lambda q, widths, depth, **k: models.ResNet(widths, depth, q, **k)) \
+      if name == "resnet" else models.CIFAR_MODELS[name]
+  model = randomize_batchnorm(build(tj.QuantConfig(weights="twn"), dtype=jnp.bfloat16,
+                                    rngs=nnx.Rngs(0, quant=1), **kw))
+  x = np.asarray(jax.random.uniform(jax.random.key(2), (4, 32, 32, 3)))
+  path = ex.export(model, tmp_path / "e", model_name=name, input_shape=(32, 32, 3), classes=10)
+  assert_every_runtime(path, eval_logits(ex._compute_dtype(model, "float32"), x), x)
+  nodes = [n["spec"] for n in ex.load(path).metadata["graph"]["nodes"] if n["op"] == "ternary"]
+  if name == "vit_tiny":  # the embedding and the head are float; attention and MLP ternary
+    assert [n["name"] for n in nodes] == [f"blocks/0/{l}" for l in ("qkv", "out", "fc1", "fc2")]
+  elif name == "mobilenetv2":
+    depthwise = [n for n in nodes if n["name"].endswith("depthwise")]
+    assert bool(depthwise) != kw.get("fp_depthwise", False)
+    assert all(n["groups"] == n["features"] > 1 for n in depthwise)

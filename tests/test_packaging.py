@@ -1,5 +1,6 @@
 """A normal (non-editable) install maps kernels/ to ternjax.kernels, adds no top-level module and
-ships no data: MNIST's files stay in the repository (experiments/data), out of the wheel."""
+ships no data: MNIST's files stay in the repository (experiments/data), out of the wheel. It
+ships the model zoo (ternjax/zoo/models), every file of it, under 5 MB, loadable."""
 
 import importlib.metadata
 import pathlib
@@ -35,15 +36,23 @@ def test_wheel_layout_and_import(tmp_path):
   assert "ternjax/kernels/__init__.py" in names
   assert not [n for n in names if n.startswith(("kernels/", "experiments/"))]
   assert not [n for n in names if n.endswith((".gz", "-ubyte"))], names
+  zoo_dir = ROOT / "ternjax" / "zoo" / "models"
+  shipped = {str(f.relative_to(ROOT)) for f in zoo_dir.rglob("*") if f.is_file()}
+  infos = [i for i in zipfile.ZipFile(wheel).infolist() if i.filename.startswith(
+      "ternjax/zoo/models/")]
+  assert {i.filename for i in infos} == shipped and shipped
+  assert sum(i.file_size for i in infos) < 5_000_000
   site = tmp_path / "site"
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                   str(wheel)], check=True)
   probe = ("import ternjax, ternjax.kernels, ternjax.data, importlib.util; "
            "print(ternjax.__file__); print(importlib.util.find_spec('kernels')); "
-           "print(ternjax.data.SHIPPED_DIR in ternjax.data.roots())")
+           "print(ternjax.data.SHIPPED_DIR in ternjax.data.roots()); from ternjax import zoo; "
+           "print([zoo.load(n).metadata['model'] for n in zoo.list()])")
   out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, text=True,
                        capture_output=True, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
-  first, second, third = out.stdout.split("\n")[:3]
+  first, second, third, fourth = out.stdout.split("\n")[:4]
   assert first.startswith(str(site)), out.stdout
   assert second == "None", out.stdout
   assert third == "False", out.stdout  # a wheel install has no shipped MNIST: downloads instead
+  assert "'mlp'" in fourth, out.stdout  # the zoo's files pass their checksums

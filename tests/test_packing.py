@@ -49,3 +49,16 @@ def test_documented_layout():
   np.testing.assert_array_equal(b.neg, [1 << 1, 1 << 7])
   c = packing.pack_codes(jnp.asarray([1, -1, 0, 1, -1]))
   np.testing.assert_array_equal(c, [0b01_00_10_01, 0b10])
+
+
+@pytest.mark.parametrize("shape, axis", [((1,), 0), ((37, 5), 0), ((3, 70), 1), ((4, 33, 2), 1)])
+def test_numpy_packing_equals_jax(shape, axis):
+  """NumPy inputs are packed by NumPy (export loading), to the same words as under JAX."""
+  t = _ternary(shape, 7)
+  codes = packing.pack_codes(jnp.asarray(t), axis)
+  by_numpy = packing.bitplanes_from_codes(np.asarray(codes), shape[axis], axis)
+  by_jax = packing.bitplanes_from_codes(codes, shape[axis], axis)
+  assert isinstance(by_numpy.pos, np.ndarray) and by_numpy.pos.dtype == np.uint32
+  np.testing.assert_array_equal(by_numpy.pos, by_jax.pos)
+  np.testing.assert_array_equal(by_numpy.neg, by_jax.neg)
+  np.testing.assert_array_equal(packing.unpack_bitplanes(by_numpy), t)
