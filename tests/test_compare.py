@@ -66,11 +66,12 @@ def _check_admm_export(run):
   model.eval()
   net = export.load(run / "export", model="lenet5")
   assert net.metadata["method"] == "admm weights"
-  fc = model.layers[9]  # FC 1024 -> 512, the export's layer 7 (BatchNorms folded)
+  fc = model.layers[9]  # FC 1024 -> 512
   t, _ = tj.quantizers.ternary_fit(fc.kernel[...], per_channel=True)
   np.testing.assert_array_equal(fc.quant.weight_codes(fc.kernel[...])[0], t)
-  assert net.metadata["layers"][7]["features"] == [1024, 512]
-  np.testing.assert_array_equal(tj.unpack_bitplanes(net.params["7"]["w"], jnp.int8), t)
+  layer = next(l for l in net.metadata["layers"] if l["name"] == "layers/9")
+  assert layer["export"].startswith("ternary")
+  np.testing.assert_array_equal(tj.unpack_bitplanes(net.params["layers/9/codes"], jnp.int8), t)
   x = jnp.asarray(data.load("mnist").subset(64).x_test)
   expected = model(train.preprocess(x))
   np.testing.assert_array_equal(np.argmax(net(x / 255), -1), np.argmax(expected, -1))

@@ -15,7 +15,7 @@ def _ternary(shape, seed):
   return np.random.default_rng(seed).integers(-1, 2, shape).astype(np.int8)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
 def test_bitplanes_round_trip(shape, seed, axis_pick):
   t = _ternary(shape, seed)
@@ -28,7 +28,7 @@ def test_bitplanes_round_trip(shape, seed, axis_pick):
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**16), axis_pick=st.integers(0, 2))
 def test_codes_round_trip(shape, seed, axis_pick):
   t = _ternary(shape, seed)
