@@ -174,12 +174,7 @@ def plots(out: Path, stats: dict, all_curves: dict, title: str) -> None:
                 xytext=(5, 5))
   ax.set(xscale="log", xlabel=f"deployed size, KiB ({next(iter(stats.values()))['size_source']})"
          if stats else "deployed size, KiB", ylabel="test accuracy %", title=title)
-  ax.grid(alpha=0.3)
-  if stats:
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "accuracy_vs_size.png", dpi=120)
-  plt.close(fig)
+  _save(fig, ax, out / "accuracy_vs_size.png", legend=bool(stats))
 
   fig, ax = plt.subplots(figsize=(6, 4))
   finals = []
@@ -194,11 +189,18 @@ def plots(out: Path, stats: dict, all_curves: dict, title: str) -> None:
   if finals:
     ax.set_ylim(max(0, min(finals) - 3), min(100, max(finals) + 0.5))
   ax.set(xlabel="epoch", ylabel="test accuracy % (mean over seeds)", title=title)
+  _save(fig, ax, out / "accuracy_over_epochs.png", legend=bool(finals))
+
+
+def _save(fig, ax, path: Path, legend: bool) -> None:
+  """Grid, legend (when something was drawn), tight layout; writes the PNG, frees the figure."""
+  import matplotlib.pyplot as plt
+
   ax.grid(alpha=0.3)
-  if finals:
+  if legend:
     ax.legend()
   fig.tight_layout()
-  fig.savefig(out / "accuracy_over_epochs.png", dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
 
 

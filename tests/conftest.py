@@ -57,6 +57,19 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture
+def refused(capsys):
+  """``refused(main, argv)``: runs a CLI's ``main`` in-process, asserts exit status 2 and one
+  line on stderr (no traceback), and returns that line."""
+  def run(main, argv):
+    with pytest.raises(SystemExit) as exit_:
+      main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+  return run
+
+
+@pytest.fixture
 def no_local_data(tmp_path, monkeypatch):
   """No data anywhere: no ``$TERNJAX_DATA``, an empty cache, no shipped copy (offline paths)."""
   monkeypatch.delenv(data.ENV_VAR, raising=False)

@@ -76,13 +76,12 @@ def test_other_errors_are_not_hidden():
     (["--resume-from", "0"], "argument --resume-from: must be an integer of at least 1"),
     (["--resume", "--overwrite"], "exclude each other"),
 ])
-def test_every_training_script_on_the_shared_path(script, argv, words, tmp_path, capsys):
+def test_every_training_script_on_the_shared_path(script, argv, words, tmp_path, refused):
   """The same flags get the same one-line refusal in each script, before anything is written
   (a wrong --data-dir is refused although $TERNJAX_DATA, set for the tests, holds the data)."""
   (tmp_path / "file").write_text("mine")
   argv = [a.format(tmp=tmp_path) for a in argv]
-  with pytest.raises(SystemExit) as exit_:
-    _script(script).main(argv + ["--out", str(tmp_path / "run")] * ("--out" not in argv))
-  err = capsys.readouterr().err
-  assert exit_.value.code == 2 and err.count("\n") == 1 and words in err, err
+  err = refused(_script(script).main,
+                argv + ["--out", str(tmp_path / "run")] * ("--out" not in argv))
+  assert words in err, err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

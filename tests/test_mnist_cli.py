@@ -29,15 +29,6 @@ def _snapshot(root: Path) -> dict[str, str]:
           else "dir" for p in sorted(root.rglob("*"))}
 
 
-def _refused(argv, capsys) -> str:
-  """Runs the CLI in-process; asserts exit status 2 and one line on stderr; returns it."""
-  with pytest.raises(SystemExit) as exit_:
-    cli.main(argv)
-  err = capsys.readouterr().err
-  assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-  return err
-
-
 @pytest.mark.parametrize("argv, words", [
     (["--epochs", "0"], "--epochs"),
     (["--lr", "-1"], "--lr"),
@@ -52,19 +43,19 @@ def _refused(argv, capsys) -> str:
     (["--export", "{tmp}/existing"], "--overwrite"),
     (["--export", "{tmp}/run"], "different"),
 ])
-def test_bad_arguments_one_line_nothing_written(argv, words, capsys, tmp_path):
+def test_bad_arguments_one_line_nothing_written(argv, words, refused, tmp_path):
   """Refused with one line before anything is written (the flags every training script shares:
   also tests/test_cli.py)."""
   (tmp_path / "file").write_text("mine")
   (tmp_path / "existing").mkdir()
   before = _snapshot(tmp_path)
   argv = [a.format(tmp=tmp_path) for a in argv]
-  err = _refused(argv + ["--out", str(tmp_path / "run")] * ("--out" not in argv), capsys)
+  err = refused(cli.main, argv + ["--out", str(tmp_path / "run")] * ("--out" not in argv))
   assert words in err
   assert _snapshot(tmp_path) == before
 
 
-def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys):
+def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys, refused):
   busy = tmp_path / "busy"
   busy.mkdir()
   (busy / "checkpoint").write_text("keep me")
@@ -85,7 +76,7 @@ def test_missing_data_and_busy_run_dir_exit_2(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
   monkeypatch.setattr(data, "SHIPPED_DIR", tmp_path / "shipped")
   (tmp_path / "data").mkdir()
-  err = _refused(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")], capsys)
+  err = refused(cli.main, ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
   assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "data" / "mnist") in err
   assert not (tmp_path / "run").exists()
 
@@ -114,7 +105,7 @@ def test_smoke_ternary_cnn_fashion(tmp_path):
   assert 0 <= result["test_accuracy"] <= 1 and result["epochs"] == 1
 
 
-def test_corrupted_checkpoint_refused_then_resumed_from_previous(tmp_path, capsys):
+def test_corrupted_checkpoint_refused_then_resumed_from_previous(tmp_path, capsys, refused):
   """The reported case: one flipped byte in the last checkpoint. --resume refuses it with one
   line naming it and offering epoch 1; --resume-from 1 trains epoch 2 again."""
   run = tmp_path / "run"
@@ -126,7 +117,7 @@ def test_corrupted_checkpoint_refused_then_resumed_from_previous(tmp_path, capsy
   target.write_bytes(bytes(raw))
   capsys.readouterr()
   before = _snapshot(run)
-  err = _refused(argv + ["--resume"], capsys)
+  err = refused(cli.main, argv + ["--resume"])
   assert str(run / "checkpoints" / "2") in err and "--resume-from 1" in err
   assert _snapshot(run) == before
   again = cli.main(argv + ["--resume-from", "1"])
