@@ -44,7 +44,7 @@ def bench(name: str, weights: str, activations: str, batch: int, dtype: str, ste
   config = dataclasses.replace(RECIPES[name], batch_size=batch)
   model = tj.models.CIFAR_MODELS[name](tj.QuantConfig(weights=weights, activations=activations),
                                        dtype=DTYPES[dtype], rngs=nnx.Rngs(0, quant=1))
-  optimizer = nnx.Optimizer(model, train.make_optimizer(config, steps)[0], wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(config, steps, model)[0], wrt=nnx.Param)
   model.train()
   graphdef, state = nnx.split((model, optimizer))
   rng = np.random.default_rng(0)

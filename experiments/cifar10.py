@@ -50,9 +50,12 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 EXACT_TEST_RECORDS = 1000  # test records 0..999 of the shared copy are exact (its README)
 
 # Per-model recipe: SGD with Nesterov momentum, lr ≈ 0.1 per 128 examples of the batch with a
-# linear warm-up, cosine decay to 0, weight decay 5e-4, label smoothing 0.1, crop + flip.
+# linear warm-up, cosine decay to 0, weight decay 5e-4, label smoothing 0.1, crop + flip. Learned
+# quantizer scales (TTQ's α, ternary activations' scale) at 1/100 of the lr: their SGD gradient
+# sums over a whole channel or tensor (Adam's is normalized: 1).
 _SGD = TrainConfig(optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=5e-4,
-                   label_smoothing=0.1, schedule="cosine", warmup_epochs=2, shift=4, flip=True)
+                   label_smoothing=0.1, schedule="cosine", warmup_epochs=2, shift=4, flip=True,
+                   scale_lr=0.01)
 RECIPES = {
     "resnet20": dataclasses.replace(_SGD, epochs=100, batch_size=256, lr=0.2),
     "resnet18": dataclasses.replace(_SGD, epochs=40, batch_size=512, lr=0.2),
@@ -61,7 +64,7 @@ RECIPES = {
     # ViT: AdamW with decoupled weight decay, a longer warm-up (transformers need one).
     "vit_tiny": dataclasses.replace(_SGD, optimizer="adamw", nesterov=False, epochs=60,
                                     batch_size=512, lr=1e-3, weight_decay=0.05,
-                                    warmup_epochs=5),
+                                    warmup_epochs=5, scale_lr=1.0),
 }
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -69,6 +72,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 def get_config(args: argparse.Namespace) -> TrainConfig:
   """The model's recipe with the command line's overrides."""
   given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+           "scale_lr": args.scale_lr,
            "seed": args.seed, "schedule": args.schedule, "label_smoothing": args.label_smoothing,
            "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs}
   return dataclasses.replace(RECIPES[args.model], **{k: v for k, v in given.items()

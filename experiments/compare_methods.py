@@ -14,9 +14,8 @@ read. ``--out`` receives results.csv (one row per run), results.md (mean ± std 
 the goals), results.json (everything, with the test accuracy of every epoch),
 accuracy_vs_size.png and accuracy_over_epochs.png.
 
-Deployed size: LeNet-5 (an ``nnx.Sequential``) is exported (ternjax.export) and its size is
-the export directory on disk; ResNet-20 is not exportable yet, so its size is
-``ternjax.summary``'s packed bytes (2-bit codes, float32 scales, biases, float layers).
+Deployed size: every run's trained model is exported (ternjax.export) and its size is the
+export directory on disk.
 The test accuracy of every method is that of the deployed (ternary) weights: eval mode uses
 the codes (ADMM: the hard projection of its float weights).
 """

@@ -9,8 +9,8 @@ optionally ``epochs``, ``lr``, ``batch_size``, ``quant`` (QuantConfig fields, e.
 ``data_dir``, ``validation`` (hold out the last ``VALIDATION_SIZE`` training images and test
 on them: what the sweep tunes on), ``overwrite``.
 The run trains through the shared loop (``train_and_evaluate``; resuming what ``workdir``
-holds), then writes ``workdir/result.json``: the loop's summary, the deployed size and, for
-the ``nnx.Sequential`` models, an export (``workdir/export``, ternjax.export).
+holds), exports the trained model (``workdir/export``, ternjax.export) and writes
+``workdir/result.json``: the loop's summary and the deployed size (the export's).
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ class Task:
   dataset: str
   model: str
   script: str            # the experiment script whose recipe (RECIPES[model]) the runs use
-  exportable: bool       # nnx.Sequential: ternjax.export writes it
 
 
 TASKS = {
-    "lenet5-mnist": Task("mnist", "lenet5", "mnist", exportable=True),
-    "resnet20-cifar10": Task("cifar10", "resnet20", "cifar10", exportable=False),
+    "lenet5-mnist": Task("mnist", "lenet5", "mnist"),
+    "resnet20-cifar10": Task("cifar10", "resnet20", "cifar10"),
 }
 
 
@@ -128,7 +127,7 @@ def run(spec: dict) -> dict:
                                overwrite=overwrite, meta=meta, test_subsets=subsets)
   table = tj.summary(model)
   size = {"packed_bytes": table.packed_bytes, "float32_bytes": table.float_bytes}
-  if task.exportable and not spec.get("validation"):
+  if not spec.get("validation"):
     model.eval()
     path = tjexport.export(model, workdir / "export", model_name=task.model,
                            input_shape=data.x_test.shape[1:], classes=data.num_classes,

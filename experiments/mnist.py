@@ -55,6 +55,7 @@ RECIPES = {
 def get_config(args: argparse.Namespace) -> TrainConfig:
   """The model's recipe with the command line's overrides."""
   given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+           "scale_lr": args.scale_lr,
            "seed": args.seed}
   return dataclasses.replace(RECIPES[args.model], **{k: v for k, v in given.items()
                                                       if v is not None})

@@ -78,6 +78,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, export: bool = True) -> Non
   p.add_argument("--epochs", type=positive_int)
   p.add_argument("--batch-size", type=positive_int)
   p.add_argument("--lr", type=positive_float, help="peak learning rate")
+  p.add_argument("--scale-lr", type=positive_float,
+                 help="learning-rate multiplier of learned quantizer scales (TTQ's α)")
   p.add_argument("--seed", type=non_negative_int, default=0)
   p.add_argument("--source", choices=data.SOURCES, default="files",
                  help="standard files (verified, downloaded if missing) or TFDS")

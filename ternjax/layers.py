@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
@@ -160,12 +161,19 @@ class TernaryOperands(nnx.Module):
                 implementation=self.config.implementation)
 
 
+def _exact_float32(precision, x):
+  """``Precision.HIGHEST`` for a float32 contraction the layer left at its default: a GPU's
+  default (TF32) rounds the inputs to 10 bits, so the eval-mode model would not compute the
+  sums that the export, the kernels and the CPU compute."""
+  return lax.Precision.HIGHEST if precision is None and x.dtype == jnp.float32 else precision
+
+
 class TernaryDotGeneral(TernaryOperands):
   """Drop-in ``dot_general`` for ``nnx.Linear`` that quantizes both operands."""
 
   def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
-    contract = lambda a, b: lax.dot_general(a, b, dimension_numbers, precision=precision,
-                                            **kwargs)
+    contract = lambda a, b: lax.dot_general(a, b, dimension_numbers,
+                                            precision=_exact_float32(precision, a), **kwargs)
     if self.config.kernel_forward:
       def packed(codes, xs, t, ws, wsn):
         out = ops.ternary_matmul(codes.reshape(-1, codes.shape[-1]),
@@ -179,9 +187,9 @@ class TernaryDotGeneral(TernaryOperands):
 class TernaryConvGeneral(TernaryOperands):
   """Drop-in ``conv_general_dilated`` for ``nnx.Conv`` that quantizes both operands."""
 
-  def __call__(self, x, kernel, window_strides, padding, *args, **kwargs):
-    contract = lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, *args,
-                                                     **kwargs)
+  def __call__(self, x, kernel, window_strides, padding, *args, precision=None, **kwargs):
+    contract = lambda a, b: lax.conv_general_dilated(
+        a, b, window_strides, padding, *args, precision=_exact_float32(precision, a), **kwargs)
     if self.config.kernel_forward:
       if args or kwargs.get("feature_group_count", 1) != 1 or any(
           d != 1 for d in kwargs.get("lhs_dilation") or ()):

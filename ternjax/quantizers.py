@@ -296,6 +296,12 @@ def activation_codes(method: str, x: jax.Array, scale=None, threshold: float = 0
 # Quantizer objects and their registry
 
 
+class Scale(nnx.Param):
+  """A learned quantizer scale (TTQ's ``alpha_pos`` / ``alpha_neg``, ternary inputs'
+  ``act_scale``): trained like any ``nnx.Param``, at ``TrainConfig.scale_lr`` times the
+  learning rate (its gradient sums over a whole channel or tensor)."""
+
+
 class QuantState(nnx.Variable):
   """Quantizer state that is not trained: ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves it
   alone, checkpoints keep it (e.g. ADMM's auxiliary and dual variables subclass it)."""
@@ -414,7 +420,7 @@ class TWN(WeightQuantizer):
 
 @register("ttq")
 class TTQ(WeightQuantizer):
-  """:func:`ttq`: learned scales ``alpha_pos`` / ``alpha_neg`` (``nnx.Param``, per channel or
+  """:func:`ttq`: learned scales ``alpha_pos`` / ``alpha_neg`` (:class:`Scale`, per channel or
   scalar), initialized to the mean ``|w|`` of the kernel's positive / negative codes (at least
   1e-3)."""
 
@@ -430,8 +436,8 @@ class TTQ(WeightQuantizer):
       total = jnp.sum(jnp.abs(kernel) * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axes), 1)
       return jnp.maximum(total, 1e-3).reshape(shape)
 
-    self.alpha_pos = nnx.Param(mean_abs(t > 0))
-    self.alpha_neg = nnx.Param(mean_abs(t < 0))
+    self.alpha_pos = Scale(mean_abs(t > 0))
+    self.alpha_neg = Scale(mean_abs(t < 0))
 
   def _scales(self, kernel):
     shape = (1,) * (kernel.ndim - 1) + (-1,) if self.config.per_channel else ()
@@ -535,7 +541,7 @@ class FloatInputs(InputQuantizer):
 
 @register("ternary")
 class TernaryInputs(InputQuantizer):
-  """:func:`ternary_activation` with a learned scale ``act_scale`` (``nnx.Param``, initially
+  """:func:`ternary_activation` with a learned scale ``act_scale`` (:class:`Scale`, initially
   ``QuantConfig.act_scale_init``)."""
 
   x_ternary = True
@@ -543,7 +549,7 @@ class TernaryInputs(InputQuantizer):
 
   def __init__(self, config, *, rngs):
     super().__init__(config, rngs=rngs)
-    self.act_scale = nnx.Param(jnp.asarray(config.act_scale_init, jnp.float32))
+    self.act_scale = Scale(jnp.asarray(config.act_scale_init, jnp.float32))
 
   def __call__(self, x):
     return ternary_activation(x, self.act_scale[...], self.config.act_threshold)

@@ -60,6 +60,7 @@ from tqdm import tqdm
 from ternjax import distributed
 from ternjax.data import Dataset
 from ternjax.layers import TernaryOperands, quant_penalty, quant_update
+from ternjax.quantizers import Scale
 from ternjax.runtime_numpy import sha256
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -87,6 +88,8 @@ class TrainConfig:
   milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: epochs (fractions allowed) ...
   gamma: float = 0.1                      # ... where the lr is multiplied by gamma
   warmup_epochs: float = 0.0              # linear warm-up from 0 before the schedule
+  scale_lr: float = 1.0                   # learning-rate multiplier of the quantizers'
+                                          # learned scales (quantizers.Scale: TTQ's α)
   shift: int = 0                          # augmentation: random shifts up to this many pixels
                                           # (zero fill: CIFAR's random crop of the 4-padded image)
   flip: bool = False                      # augmentation: random horizontal flips
@@ -101,14 +104,14 @@ class TrainConfig:
     if self.schedule not in SCHEDULES:
       raise TrainError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     for name in ("lr", "momentum", "weight_decay", "gamma", "warmup_epochs", "label_smoothing",
-                 "milestones"):
+                 "milestones", "scale_lr"):
       if not all(map(math.isfinite, np.ravel(getattr(self, name)))):
         raise TrainError(f"{name} must be finite, got {getattr(self, name)}")
     for name in ("epochs", "batch_size", "eval_batch_size", "keep"):
       if getattr(self, name) < 1:
         raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
-    if not self.lr > 0:
-      raise TrainError(f"lr must be positive, got {self.lr}")
+    if not (self.lr > 0 and self.scale_lr > 0):
+      raise TrainError(f"lr and scale_lr must be positive, got {self.lr} and {self.scale_lr}")
     if min(self.shift, self.weight_decay, self.warmup_epochs, self.steps_per_call, self.seed) < 0:
       raise TrainError("shift, weight_decay, warmup_epochs, steps_per_call and seed must not be "
                        "negative")
@@ -116,8 +119,10 @@ class TrainConfig:
       raise TrainError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int):
-  """The Optax transformation and its learning-rate schedule (a function of the step)."""
+def make_optimizer(config: TrainConfig, steps_per_epoch: int, model: nnx.Module):
+  """The Optax transformation of ``model``'s ``nnx.Param`` state and its learning-rate
+  schedule (a function of the step); the quantizers' learned scales (``quantizers.Scale``)
+  follow ``config.scale_lr`` times the schedule."""
   total = config.epochs * steps_per_epoch
   warmup = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == "cosine":
@@ -129,14 +134,23 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     main = optax.constant_schedule(config.lr)
   schedule = main if warmup == 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, config.lr, warmup), main], [warmup])
-  if config.optimizer == "adam":
-    tx = optax.adam(schedule)
-  elif config.optimizer == "adamw":
-    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
-  else:
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+  tx = _transform(config, schedule)
+  if config.scale_lr != 1:
+    labels = jax.tree.map(lambda v: "scales" if isinstance(v, Scale) else "rest",
+                          nnx.state(model, nnx.Param),
+                          is_leaf=lambda v: isinstance(v, nnx.Variable))
+    scaled = _transform(config, lambda step: config.scale_lr * schedule(step))
+    tx = optax.multi_transform({"rest": tx, "scales": scaled}, labels)
   return tx, schedule
+
+
+def _transform(config: TrainConfig, schedule) -> optax.GradientTransformation:
+  if config.optimizer == "adam":
+    return optax.adam(schedule)
+  if config.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -433,7 +447,7 @@ def restore_model(workdir, model: nnx.Module) -> int:
   except TypeError as err:  # an unknown or missing field
     message = f"{workdir}/config.json: not a run configuration of this ternjax ({err})"
     raise TrainError(message) from None
-  optimizer = nnx.Optimizer(model, make_optimizer(config, 1)[0], wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_optimizer(config, 1, model)[0], wrt=nnx.Param)
   with ocp.CheckpointManager(workdir.absolute() / "checkpoints") as manager:
     step = manager.latest_step()
     if step is None:
@@ -592,7 +606,7 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
   if steps_per_epoch == 0:
     raise TrainError(f"batch size {config.batch_size} exceeds the {len(data.y_train)} "
                      "training examples")
-  tx, schedule = make_optimizer(config, steps_per_epoch)
+  tx, schedule = make_optimizer(config, steps_per_epoch, model)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True)
   replicated, rows = distributed.sharding(mesh), distributed.sharding(mesh, None, distributed.DATA)

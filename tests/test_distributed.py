@@ -42,7 +42,7 @@ mesh = distributed.make_mesh(4)
 
 def twenty_steps(mesh):  # epoch 1 of the loop by hand: per-step losses, parameters, HLO
   model = mlp()
-  optimizer = nnx.Optimizer(model, train.make_optimizer(config, 20)[0], wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(config, 20, model)[0], wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   replicated, rows = distributed.sharding(mesh), distributed.sharding(mesh, None, "data")
   batches = np.random.default_rng([0, 1]).permutation(1000)[:960].reshape(20, 48)

@@ -121,9 +121,11 @@ def test_dispatch_falls_through_to_xla_on_cpu():
         ops.xla_matmul(x, w, x_ternary=True))
 
 
-def test_gpu_policy_choices():
-  """The 'gpu' policy: XLA popcount for small ternary products, Pallas in between, XLA's
-  int8 dot from ``kernels_max_m`` rows (ternary codes as int8); other integers unchanged."""
+def test_gpu_policy_choices(monkeypatch):
+  """Without jax-triton, the 'gpu' policy: XLA popcount for small ternary products, Pallas in
+  between, XLA's int8 dot from ``kernels_max_m`` rows (ternary codes as int8); other integers
+  unchanged."""
+  monkeypatch.delitem(ops.IMPLEMENTATIONS, "triton", raising=False)
   w = packing.pack_bitplanes(jnp.zeros((64, 8), jnp.int8), axis=0)
   tuning = dataclasses.replace(kernels.GPU_TUNING, xla_popcount_max_mkn=4 * 64 * 8)
 

@@ -82,19 +82,38 @@ def test_run_dir_never_overwritten(small, tmp_path):
 def test_schedules_and_optimizers():
   steps = 10
   c = train.TrainConfig(epochs=4, lr=0.1, warmup_epochs=1)
-  _, sched = train.make_optimizer(c, steps)
+  _, sched = train.make_optimizer(c, steps, _mlp())
   assert float(sched(0)) == 0 and float(sched(steps)) == pytest.approx(0.1)
   assert float(sched(4 * steps)) == pytest.approx(0, abs=1e-6)
   c = train.TrainConfig(epochs=4, lr=0.1, schedule="multistep", milestones=(2, 3), gamma=0.5)
-  _, sched = train.make_optimizer(c, steps)
+  _, sched = train.make_optimizer(c, steps, _mlp())
   assert [float(sched(s)) for s in (19, 20, 30)] == pytest.approx([0.1, 0.05, 0.025])
   c = train.TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.5, schedule="constant")
-  tx, _ = train.make_optimizer(c, steps)
+  tx, _ = train.make_optimizer(c, steps, _mlp())
   w = {"w": jnp.ones(3)}
   updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(w), w)
   np.testing.assert_allclose(updates["w"], -0.05)  # decay only: -lr·wd·w
   with pytest.raises(ValueError, match="optimizer"):
     train.TrainConfig(optimizer="rmsprop")
+
+
+def test_scale_lr_moves_only_the_learned_scales():
+  """``scale_lr`` multiplies the learning rate of TTQ's α (``quantizers.Scale``) and of
+  nothing else: one SGD step from equal gradients moves α by scale_lr times a kernel entry."""
+  model = tj.models.mlp(tj.QuantConfig(weights="ttq"), rngs=nnx.Rngs(default=0, quant=1))
+  c = train.TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, schedule="constant",
+                        scale_lr=0.01)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(c, 1, model)[0], wrt=nnx.Param)
+  params = lambda: nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  before = params()
+  optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), before, params())
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+  scales = {k: v for k, v in flat.items() if "alpha" in k}
+  assert scales and all(v == pytest.approx(1e-3, rel=1e-3) for v in scales.values()), scales
+  assert all(v == pytest.approx(0.1, rel=1e-3) for k, v in flat.items() if k not in scales)
+  with pytest.raises(ValueError, match="scale_lr"):
+    train.TrainConfig(scale_lr=0.0)
 
 
 def test_random_shift_translates_each_image():
