@@ -134,7 +134,7 @@ def _launch(name, model, argv, epochs, args, work: Path, env,
   argv = [a.format(work=work) for a in argv]
   if model is not None:
     epochs = args.epochs.get(model) or epochs or fitted.get(model)
-    argv += ["--data-dir", args.data_dir, "--out", str(work / name), "--overwrite"]
+    argv += ["--data-dir", str(args.data_dir), "--out", str(work / name), "--overwrite"]
     argv += ["--epochs", str(epochs)] if epochs else []
   else:
     argv += ["--out", str(work / name / "bench_train.json")]

@@ -1,7 +1,8 @@
 """FP, TWN, TTQ, stochastic and ADMM weights side by side: same data, seeds and budget.
 
   python experiments/compare_methods.py --task lenet5-mnist --parallel 15
-  python experiments/compare_methods.py --task resnet20-cifar10 --parallel 15 --time-limit 540
+  python experiments/compare_methods.py --task resnet20-cifar10 --parallel 15 --epochs 40 \\
+      --time-limit 470
   python experiments/compare_methods.py --task lenet5-mnist --best sweep/sweep.json  # tuned
   python experiments/compare_methods.py --task lenet5-mnist --limit 256 --epochs 1 --seeds 0
 

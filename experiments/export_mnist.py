@@ -114,12 +114,14 @@ np.savez(out, **logits)
 
 
 def eval_logits(model: nnx.Module, images: np.ndarray, batch: int = 1000) -> np.ndarray:
-  """The trained model in eval mode, jitted (as train.evaluate runs it)."""
+  """The trained model in eval mode, jitted (as train.evaluate runs it), at float32 precision
+  as the export (``jax.default_matmul_precision('highest')``; a GPU's default is TF32)."""
   model.eval()
   graphdef, state = nnx.split(model)
   f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(train.preprocess(x)))
-  return np.concatenate([np.asarray(f(state, images[i:i + batch]))
-                         for i in range(0, len(images), batch)])
+  with jax.default_matmul_precision("highest"):
+    return np.concatenate([np.asarray(f(state, images[i:i + batch]))
+                           for i in range(0, len(images), batch)])
 
 
 def fresh_process_logits(path: Path, images: np.ndarray, workdir: Path) -> dict[str, np.ndarray]:

@@ -969,6 +969,18 @@ def _compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
   return clone
 
 
+def _float32_precision(fn):
+  """Runs ``fn`` at ``jax.default_matmul_precision('highest')``: the export's float code is
+  traced and serialized at float32 precision, so that it computes the same on a CPU and a GPU
+  (whose default, TF32, rounds float32 inputs to 10 bits, differently per compiled graph)."""
+  @functools.wraps(fn)
+  def at_float32(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+  return at_float32
+
+
+@_float32_precision
 def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequence[int],
            classes: int | Sequence[str], method: str | None = None,
            accuracy: float | None = None, input_divisor: float = 255.0,
@@ -976,6 +988,9 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
            platforms: Sequence[str] = PLATFORMS, probe=None,
            compute_dtype="float32") -> Path:
   """Writes ``model`` (eval mode: running statistics) as an inference export; returns its path.
+
+  Float code is traced at float32 precision (``jax.default_matmul_precision('highest')``): on
+  a GPU, compare the export with the model evaluated in that context.
 
   Args:
     model: any NNX module called as ``model(images)``, returning logits.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
@@ -161,19 +160,12 @@ class TernaryOperands(nnx.Module):
                 implementation=self.config.implementation)
 
 
-def _exact_float32(precision, x):
-  """``Precision.HIGHEST`` for a float32 contraction the layer left at its default: a GPU's
-  default (TF32) rounds the inputs to 10 bits, so the eval-mode model would not compute the
-  sums that the export, the kernels and the CPU compute."""
-  return lax.Precision.HIGHEST if precision is None and x.dtype == jnp.float32 else precision
-
-
 class TernaryDotGeneral(TernaryOperands):
   """Drop-in ``dot_general`` for ``nnx.Linear`` that quantizes both operands."""
 
   def __call__(self, x, kernel, dimension_numbers, precision=None, **kwargs):
-    contract = lambda a, b: lax.dot_general(a, b, dimension_numbers,
-                                            precision=_exact_float32(precision, a), **kwargs)
+    contract = lambda a, b: lax.dot_general(a, b, dimension_numbers, precision=precision,
+                                            **kwargs)
     if self.config.kernel_forward:
       def packed(codes, xs, t, ws, wsn):
         out = ops.ternary_matmul(codes.reshape(-1, codes.shape[-1]),
@@ -187,9 +179,9 @@ class TernaryDotGeneral(TernaryOperands):
 class TernaryConvGeneral(TernaryOperands):
   """Drop-in ``conv_general_dilated`` for ``nnx.Conv`` that quantizes both operands."""
 
-  def __call__(self, x, kernel, window_strides, padding, *args, precision=None, **kwargs):
-    contract = lambda a, b: lax.conv_general_dilated(
-        a, b, window_strides, padding, *args, precision=_exact_float32(precision, a), **kwargs)
+  def __call__(self, x, kernel, window_strides, padding, *args, **kwargs):
+    contract = lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, *args,
+                                                     **kwargs)
     if self.config.kernel_forward:
       if args or kwargs.get("feature_group_count", 1) != 1 or any(
           d != 1 for d in kwargs.get("lhs_dilation") or ()):
@@ -204,7 +196,7 @@ class TernaryConvGeneral(TernaryOperands):
     return contract(self.inputs(x), self.weights(kernel))
 
 
-def _quantized_layers(model: nnx.Module):
+def quantized_layers(model: nnx.Module):
   """``(layer, quant)`` for every layer of ``model`` with a :class:`TernaryOperands`."""
   for _, module in nnx.iter_modules(model):
     quant = getattr(module, "quant", None)
@@ -215,7 +207,7 @@ def _quantized_layers(model: nnx.Module):
 def quant_penalty(model: nnx.Module) -> jax.Array | None:
   """The sum of the weight quantizers' loss terms (``WeightQuantizer.penalty``) over
   ``model``'s layers, or None when no quantizer has one (nothing to add to the loss)."""
-  terms = [t for layer, quant in _quantized_layers(model)
+  terms = [t for layer, quant in quantized_layers(model)
            if (t := quant.weight_quantizer.penalty(layer.kernel[...])) is not None]
   return sum(terms) if terms else None
 
@@ -223,7 +215,7 @@ def quant_penalty(model: nnx.Module) -> jax.Array | None:
 def quant_update(model: nnx.Module, step: jax.Array) -> None:
   """Calls every weight quantizer's ``update(kernel, step)``: its non-trained state after
   optimizer step ``step`` (e.g. ADMM's projection and dual update every k steps)."""
-  for layer, quant in _quantized_layers(model):
+  for layer, quant in quantized_layers(model):
     quant.weight_quantizer.update(layer.kernel[...], step)
 
 

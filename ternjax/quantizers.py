@@ -313,11 +313,15 @@ class WeightQuantizer(nnx.Module):
   Built as ``cls(config, kernel, rngs=rngs)`` from the layer's ``QuantConfig`` and initial
   kernel; learned state is ``nnx.Param``, other state :class:`QuantState`. ``ternary``: the
   method has codes (:meth:`codes`); ``kernel_forward``: its codes are its training forward's,
-  so a layer may run the packed op forward (``QuantConfig.kernel_forward``).
+  so a layer may run the packed op forward (``QuantConfig.kernel_forward``); ``eval_differs``:
+  eval mode's kernel (the codes) is so unlike the training forward's (stochastic draws) that
+  the BatchNorm statistics gathered in training do not fit it, so the training loop
+  re-estimates them after the last epoch (``train.recalibrate_batchnorm``).
   """
 
   ternary: ClassVar[bool] = True
   kernel_forward: ClassVar[bool] = False
+  eval_differs: ClassVar[bool] = False
 
   def __init__(self, config, kernel: jax.Array, *, rngs: nnx.Rngs):
     del kernel, rngs
@@ -461,6 +465,8 @@ class Stochastic(WeightQuantizer):
   def __init__(self, config, kernel, *, rngs):
     super().__init__(config, kernel, rngs=rngs)
     self.rngs = rngs["quant"].fork()
+
+  eval_differs = True  # random draws in training, the deterministic rounding in eval
 
   def __call__(self, kernel, *, deterministic=False):
     key = None if deterministic else self.rngs()

@@ -13,7 +13,7 @@ from flax import nnx
 import ternjax as tj
 from ternjax import data, train
 from ternjax import quantizers as q
-from ternjax.layers import _quantized_layers, quant_penalty, quant_update
+from ternjax.layers import quant_penalty, quant_update, quantized_layers
 
 
 def _error(w, t, alpha, axis=None):
@@ -144,7 +144,7 @@ def _mlp(**quant):
 def _distance_to_ternary(model):
   """Σ ‖W − Π(W)‖² over the ADMM layers: how far the float weights are from ternary."""
   return sum(float(jnp.sum((layer.kernel[...] - quant.weight_quantizer._project(
-      layer.kernel[...])) ** 2)) for layer, quant in _quantized_layers(model))
+      layer.kernel[...])) ** 2)) for layer, quant in quantized_layers(model))
 
 
 @pytest.mark.slow

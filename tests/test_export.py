@@ -62,8 +62,10 @@ def assert_logits_close(actual, expected):
 
 
 def eval_logits(model, x):
+  """The model in eval mode at float32 precision, as the export computes (on a GPU too)."""
   model.eval()
-  return np.asarray(model(jnp.asarray(x)))
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(model(jnp.asarray(x)))
 
 
 def assert_every_runtime(path, expected, x=X):

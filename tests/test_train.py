@@ -18,6 +18,7 @@ from flax import nnx
 
 import ternjax as tj
 from ternjax import data, train
+from ternjax.layers import quantized_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "mnist.py"
@@ -198,3 +199,30 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
   metrics = lambda run: [{k: v for k, v in json.loads(l).items() if k not in timing}
                          for l in (run / "metrics.jsonl").read_text().splitlines()]
   assert metrics(tmp_path / "full") == metrics(tmp_path / "cut")
+
+
+def test_recalibrate_batchnorm_fits_the_eval_weights():
+  """One batch of every image: eval mode then normalizes exactly as train mode with the
+  deterministic codes does, whatever statistics training left."""
+  model = _mlp(weights="stochastic")
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, nnx.BatchNorm):
+      m.mean[...], m.var[...] = m.mean[...] + 5.0, m.var[...] * 100.0
+  images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), np.uint8)
+  x = train.preprocess(jnp.asarray(images))
+  model.train()
+  for _, quant in quantized_layers(model):
+    quant.deterministic = True
+  expected = nnx.clone(model)(x)
+  train.recalibrate_batchnorm(model, images, batch_size=64)
+  np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights, recalibrated", [("stochastic", True), ("twn", False)])
+def test_loop_recalibrates_after_the_last_epoch(weights, recalibrated, small, tmp_path):
+  """Methods whose eval codes are not their training forward's get fresh BatchNorm statistics
+  after the last epoch; the record keeps the accuracy from before."""
+  config = train.TrainConfig(epochs=2, batch_size=64)
+  train.train_and_evaluate(config, _mlp(weights=weights), small, tmp_path / "run")
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert ["test_accuracy_before_recalibration" in r for r in records] == [False, recalibrated]

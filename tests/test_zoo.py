@@ -110,23 +110,53 @@ def test_predict_cli_runs_a_zoo_model(capsys):
                                 np.asarray(zoo.load("mlp-mnist-twn")(x)).argmax(-1))
 
 
-@pytest.mark.slow
-def test_build_zoo_takes_a_gpu_batch(tmp_path):
-  """cifar10_batch.py's gather -> zoo_exports.tar.gz -> build_zoo.py --from-batch: the entry
-  records the accuracy its export scores (here the shipped MLP's export, as a run's)."""
+def _experiments(*names):
+  """The experiment scripts ``names`` as modules."""
   import importlib.util
   from pathlib import Path
   experiments = Path(__file__).resolve().parents[1] / "experiments"
   sys.path.insert(0, str(experiments))
   try:
-    modules = {}
-    for name in ("cifar10_batch", "build_zoo"):
+    modules = []
+    for name in names:
       spec = importlib.util.spec_from_file_location(name, experiments / f"{name}.py")
-      modules[name] = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(modules[name])
+      modules.append(importlib.util.module_from_spec(spec))
+      spec.loader.exec_module(modules[-1])
   finally:
     sys.path.remove(str(experiments))
-  batch, build_zoo = modules["cifar10_batch"], modules["build_zoo"]
+  return modules
+
+
+@pytest.mark.parametrize("plan", ["zoo", "twins"])
+def test_batch_plan_launches_its_runs(plan, tmp_path, monkeypatch):
+  """cifar10_batch.py PLAN --data-dir DIR: every run starts with an all-string argv naming the
+  data folder (a Path there once stopped both plans before any run)."""
+  batch, = _experiments("cifar10_batch")
+  launched = []
+
+  class Started:
+    def __init__(self, argv, **kwargs):
+      launched.append(argv)
+
+    def wait(self, timeout=None):
+      return 0
+
+  monkeypatch.setattr(batch.subprocess, "Popen", Started)
+  monkeypatch.setattr(batch, "gather", lambda args, results: None)
+  batch.main([plan, "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+              "--work", str(tmp_path / "work")])
+  assert len(launched) == sum(map(len, batch.plans()[plan]))
+  for argv in launched:
+    assert all(isinstance(a, str) for a in argv), argv
+  trainings = [a for a in launched if "--data-dir" in a]
+  assert trainings and all(a[a.index("--data-dir") + 1] == str(tmp_path) for a in trainings)
+
+
+@pytest.mark.slow
+def test_build_zoo_takes_a_gpu_batch(tmp_path):
+  """cifar10_batch.py's gather -> zoo_exports.tar.gz -> build_zoo.py --from-batch: the entry
+  records the accuracy its export scores (here the shipped MLP's export, as a run's)."""
+  batch, build_zoo = _experiments("cifar10_batch", "build_zoo")
   work, out = tmp_path / "work", tmp_path / "out"
   shutil.copytree(zoo.path("mlp-mnist-twn"), work / "exports" / "resnet20-ttq")
   args = types.SimpleNamespace(work=work, out=out, plan="zoo", data_dir=data.SHIPPED_DIR)

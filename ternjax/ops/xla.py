@@ -79,9 +79,11 @@ def weight_values(planes, two_sums: bool, dtype, bit: int | None = None):
 
 
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:
-  """``x @ w`` in ``x``'s dtype, accumulated in int32 (integer ``x``) or float32."""
+  """``x @ w`` in ``x``'s dtype, accumulated in int32 (integer ``x``) or float32; float32 at
+  ``Precision.HIGHEST``, as the kernels (a GPU's default rounds float32 inputs to TF32)."""
   acc_type = jnp.int32 if jnp.issubdtype(x.dtype, jnp.integer) else jnp.float32
   return lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
                          preferred_element_type=acc_type)
 
 
