@@ -312,22 +312,24 @@ def recalibrate_batchnorm(model, images, batch_size: int) -> None:
   for _, quant in quantized_layers(model):
     quant.deterministic = True
   momenta = [m.momentum for m in batch_norms]
-  for m in batch_norms:
-    m.momentum = 0.0  # the running statistics become the batch's
-  graphdef, state = nnx.split(model)
+  try:
+    for m in batch_norms:
+      m.momentum = 0.0  # the running statistics become the batch's
+    graphdef, state = nnx.split(model)
 
-  @jax.jit
-  def batch_stats(state, x):
-    m = nnx.merge(graphdef, state)
-    m(preprocess(x))
-    return nnx.state(m, nnx.BatchStat)
+    @jax.jit
+    def batch_stats(state, x):
+      m = nnx.merge(graphdef, state)
+      m(preprocess(x))
+      return nnx.state(m, nnx.BatchStat)
 
-  stats = [batch_stats(state, images[i:i + batch_size])
-           for i in range(0, len(images), batch_size)]
+    stats = [batch_stats(state, images[i:i + batch_size])
+             for i in range(0, len(images), batch_size)]
+  finally:
+    for m, momentum in zip(batch_norms, momenta):
+      m.momentum = momentum
+    model.eval()
   nnx.update(model, jax.tree.map(lambda *s: sum(s) / len(s), *stats))
-  for m, momentum in zip(batch_norms, momenta):
-    m.momentum = momentum
-  model.eval()
 
 
 def weight_sparsity(model) -> float | None:
