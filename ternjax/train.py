@@ -304,7 +304,7 @@ def recalibrate_batchnorm(model, images, batch_size: int) -> None:
   ``images`` (uint8 NHWC) in batches, the weight quantizers deterministic, BatchNorms
   normalizing by batch statistics; each BatchNorm's running mean and variance become the
   average over the batches of theirs. The statistics gathered in training belong to the
-  training forward's weights (random draws, ADMM's float W), which the eval codes are not."""
+  training forward's weights (e.g. random draws), which the eval codes are not."""
   batch_norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
   if not batch_norms:
     return

@@ -7,6 +7,7 @@ how to provide it; with ``TERNJAX_REQUIRE_DATA=1`` (set by ``.ci/run``) it fails
 
 import importlib.util
 import os
+from pathlib import Path
 
 # xdist workers share one GPU: each would otherwise preallocate most of its memory.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -54,6 +55,18 @@ def pytest_runtest_setup(item):
   """Under ``$TERNJAX_REQUIRE_DATA`` (else skipped above), fails before the test's fixtures."""
   if reason := _missing_for(item):
     pytest.fail(f"{reason} (${REQUIRE_DATA} is set: this test must run)", pytrace=False)
+
+
+@pytest.fixture
+def experiment():
+  """``experiment(name)``: the script ``experiments/NAME.py`` loaded as a module."""
+  def load(name):
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  return load
 
 
 @pytest.fixture

@@ -1,9 +1,7 @@
 """Export: any model, every runtime (JAX, onnxruntime, NumPy), BatchNorm folding, census,
 integrity checks, input checks, refusals, CLI."""
 
-import importlib.util
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -20,19 +18,11 @@ from ternjax import export as ex
 from ternjax import predict, runtime_numpy
 from ternjax.models import MODELS, Flatten
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 X = np.asarray(jax.random.uniform(jax.random.key(5), (32, 28, 28, 1)))
 RUNTIMES = {"jax": ex.load,
             "numpy": runtime_numpy.load,
             "onnxruntime": lambda path, **kw: runtime_numpy.load(path, engine="onnxruntime",
                                                                  **kw)}
-
-
-def experiment(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def randomize_batchnorm(model, seed=1):
@@ -62,10 +52,8 @@ def assert_logits_close(actual, expected):
 
 
 def eval_logits(model, x):
-  """The model in eval mode at float32 precision, as the export computes (on a GPU too)."""
   model.eval()
-  with jax.default_matmul_precision("highest"):
-    return np.asarray(model(jnp.asarray(x)))
+  return np.asarray(model(jnp.asarray(x)))
 
 
 def assert_every_runtime(path, expected, x=X):
@@ -173,7 +161,7 @@ def test_standalone_batchnorm_and_dropout(tmp_path):
   assert_every_runtime(path, eval_logits(model, X))
 
 
-def test_census_passes_ternary_and_flags_float_multiplies(tmp_path, monkeypatch):
+def test_census_passes_ternary_and_flags_float_multiplies(experiment, tmp_path, monkeypatch):
   profile = experiment("profile_operations")
   act = tj.QuantConfig(weights="twn", activations="ternary")
   rngs = nnx.Rngs(0)
@@ -498,7 +486,7 @@ def _predict_refused(argv, match):
 
 
 @pytest.mark.parametrize("name", ["residual_cnn"])  # Net and LeNet-5: export_mnist.py's results
-def test_trained_models_full_test_set_fresh_process(name, tmp_path):
+def test_trained_models_full_test_set_fresh_process(name, experiment, tmp_path):
   """Done-when of issue 13 (briefly trained): every runtime, in a process that never imports
   the model's code, predicts exactly what the trained model does in eval mode, here on 2,000
   MNIST test images (all 10,000: experiments/export_mnist.py and its committed results); the

@@ -110,28 +110,11 @@ def test_predict_cli_runs_a_zoo_model(capsys):
                                 np.asarray(zoo.load("mlp-mnist-twn")(x)).argmax(-1))
 
 
-def _experiments(*names):
-  """The experiment scripts ``names`` as modules."""
-  import importlib.util
-  from pathlib import Path
-  experiments = Path(__file__).resolve().parents[1] / "experiments"
-  sys.path.insert(0, str(experiments))
-  try:
-    modules = []
-    for name in names:
-      spec = importlib.util.spec_from_file_location(name, experiments / f"{name}.py")
-      modules.append(importlib.util.module_from_spec(spec))
-      spec.loader.exec_module(modules[-1])
-  finally:
-    sys.path.remove(str(experiments))
-  return modules
-
-
 @pytest.mark.parametrize("plan", ["zoo", "twins"])
-def test_batch_plan_launches_its_runs(plan, tmp_path, monkeypatch):
+def test_batch_plan_launches_its_runs(plan, experiment, tmp_path, monkeypatch):
   """cifar10_batch.py PLAN --data-dir DIR: every run starts with an all-string argv naming the
   data folder (a Path there once stopped both plans before any run)."""
-  batch, = _experiments("cifar10_batch")
+  batch = experiment("cifar10_batch")
   launched = []
 
   class Started:
@@ -153,10 +136,10 @@ def test_batch_plan_launches_its_runs(plan, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_build_zoo_takes_a_gpu_batch(tmp_path):
+def test_build_zoo_takes_a_gpu_batch(experiment, tmp_path):
   """cifar10_batch.py's gather -> zoo_exports.tar.gz -> build_zoo.py --from-batch: the entry
   records the accuracy its export scores (here the shipped MLP's export, as a run's)."""
-  batch, build_zoo = _experiments("cifar10_batch", "build_zoo")
+  batch, build_zoo = experiment("cifar10_batch"), experiment("build_zoo")
   work, out = tmp_path / "work", tmp_path / "out"
   shutil.copytree(zoo.path("mlp-mnist-twn"), work / "exports" / "resnet20-ttq")
   args = types.SimpleNamespace(work=work, out=out, plan="zoo", data_dir=data.SHIPPED_DIR)
