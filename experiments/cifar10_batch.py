@@ -184,6 +184,8 @@ def exported(export: Path, data_dir: Path) -> dict:
 
 
 def gather(args, results: list[dict]) -> None:
+  """Writes the results, then the zoo's exports, then measures each export (size, inference
+  throughput) and rewrites the results: a call cut short still brings back what was done."""
   work, out = Path(args.work), Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   rows, bench = [], []
@@ -214,14 +216,14 @@ def gather(args, results: list[dict]) -> None:
                    "compile_time_s": summary.get("compile_time_s"),
                    "train_images_per_s": summary.get("train_images_per_s"),
                    "sparsity": last.get("sparsity")})
-      if (work / "exports" / r["run"] / "checksums.json").exists():
-        rows[-1].update(exported(work / "exports" / r["run"], args.data_dir))
-  zoo = {ZOO[r["run"]]: r["run"] for r in results if r["run"] in ZOO and
-         (work / "exports" / r["run"] / "checksums.json").exists()}
+  write_results(out, args.plan, rows, bench)
+  exports = {r["run"]: work / "exports" / r["run"] for r in results
+             if (work / "exports" / r["run"] / "checksums.json").exists()}
+  zoo = {ZOO[run]: run for run in exports if run in ZOO}
   if zoo:
     with tarfile.open(out / "zoo_exports.tar.gz", "w:gz") as tar:
       for entry, run in zoo.items():
-        tar.add(work / "exports" / run, entry)
+        tar.add(exports[run], entry)
       listing = json.dumps(sorted(zoo)).encode()
       info = tarfile.TarInfo("zoo_entries.json")
       info.size = len(listing)
@@ -230,10 +232,20 @@ def gather(args, results: list[dict]) -> None:
   for name in ("confusion.png", "confidence.png"):
     if (best / name).exists():
       (out / f"resnet18-twn-{name}").write_bytes((best / name).read_bytes())
-  (out / "results.json").write_text(json.dumps({"plan": args.plan, "runs": rows,
+  for row in rows:
+    if row["run"] in exports:
+      row.update(exported(exports[row["run"]], args.data_dir))
+      write_results(out, args.plan, rows, bench)
+  print((out / "results.md").read_text())
+
+
+def write_results(out: Path, plan: str, rows: list[dict], bench: list[dict]) -> None:
+  """results.json and results.md of the plan's runs (and exports, benchmark rows)."""
+  (out / "results.json").write_text(json.dumps({"plan": plan, "runs": rows,
                                                 "bench": bench}, indent=2) + "\n")
   pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
-  lines = [f"# CIFAR-10 plan '{args.plan}'", "",
+  bits = lambda v: "-" if v is None else f"{v:.3f}"
+  lines = [f"# CIFAR-10 plan '{plan}'", "",
            "| run | exit | epochs | test % | exact 0..999 % | degraded % | train s | compile s "
            "| img/s |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -245,7 +257,7 @@ def gather(args, results: list[dict]) -> None:
   if sized:
     lines += ["", "| run | export bytes | bits/weight (codes+scales) | ternary weights | float32 "
               "bytes | export acc % | inference img/s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['disk_bytes']:,} | {r['bits_with_scales']:.3f} | "
+    lines += [f"| {r['run']} | {r['disk_bytes']:,} | {bits(r['bits_with_scales'])} | "
               f"{r['ternary_weights']:,} | {r['float32_bytes']:,} | "
               f"{pct(r.get('export_accuracy'))} | {r.get('infer_images_per_s', 0):,.0f} |"
               for r in sized]
@@ -255,7 +267,6 @@ def gather(args, results: list[dict]) -> None:
     lines += [f"| {b['model']} | {b['weights']} | {b['batch']} | {b['step_ms']:.2f} "
               f"| {b['images_per_s']:,.0f} | {b['vs_float'] or 1:.3f} |" for b in bench]
   (out / "results.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
 
 
 def main(argv=None):

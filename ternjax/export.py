@@ -7,8 +7,8 @@ jitted function of the export alone, needing none of the model's Python code.
 
 Design. The trace (:mod:`ternjax.tracing`) replaces each ternary layer call by one equation of
 the ``ternjax_ternary_layer`` primitive, whose operands are the layer's input codes (from the
-layer's own ``quant.input_codes``) and its packed arrays: 2-bit codes, per-channel scales, bias.
-The jaxpr is then cut at these equations into a graph of nodes:
+layer's own ``quant.input_codes``) and its packed arrays: base-3 codes (five trits a byte),
+per-channel scales, bias. The jaxpr is then cut at these equations into a graph of nodes:
 
 * ``segment`` nodes: the float code between ternary layers (float layers, BatchNorms that could
   not be folded, pooling, residual adds, attention, ...) as ``jax.export``-serialized StableHLO
@@ -21,7 +21,7 @@ The jaxpr is then cut at these equations into a graph of nodes:
   patches with the unpacked trits.
 
 ``model.onnx`` is the same graph for runtimes without JAX: converted by jax2onnx, ternary layers
-in a portable form (the uint8 codes are initializers, unpacked by shift / and / compare nodes,
+in a portable form (the uint8 codes are initializers, unpacked by Div / Mod / compare nodes,
 then an exact float32 MatMul of integer codes), run by onnxruntime and by ONNX's NumPy
 reference evaluator (:mod:`ternjax.runtime_numpy`).
 
@@ -105,8 +105,9 @@ class TernarySpec:
   """What a ternary layer call computes, besides its arrays (a primitive parameter: hashable).
 
   ``operands`` names the call's operands in order: ``x`` (input codes, or floats), optionally
-  ``x_scale``, then ``codes`` (2-bit codes of the ``(rows, features)`` weight matrix, along the
-  rows; conv kernels as :func:`ternjax.ops.kernel_to_matrix`), ``scale_pos``, optionally
+  ``x_scale``, then ``codes`` (the ``(rows, features)`` weight matrix as
+  :func:`ternjax.packing.pack_trits`; conv kernels as :func:`ternjax.ops.kernel_to_matrix`),
+  ``scale_pos``, optionally
   ``scale_neg`` (a scale for the −1 weights), ``bias``.
   """
 
@@ -202,9 +203,10 @@ def _portable(spec, x, t, scale_pos, bias, x_scale=None, scale_neg=None, patches
 
 def ternary_portable(spec: TernarySpec, x, codes, scale_pos, bias, x_scale=None,
                      scale_neg=None) -> jax.Array:
-  """A ternary layer from its 2-bit codes, in portable operations (the ONNX graph's form):
-  unpack (shift, and, compare), an exact float32 contraction, the epilogue, the bias."""
-  t = packing.unpack_codes(codes, spec.rows, axis=0, dtype=jnp.int8)
+  """A ternary layer from its base-3 codes, in portable operations (the ONNX graph's form):
+  unpack (integer division, remainder, compare), an exact float32 contraction, the epilogue,
+  the bias."""
+  t = packing.unpack_trits(codes, (spec.rows, spec.features), dtype=jnp.int8)
   return _portable(spec, x, t, scale_pos, bias, x_scale, scale_neg)
 
 
@@ -358,7 +360,7 @@ def _ternary_arrays(layer, quant, affine) -> dict[str, jax.Array]:
   gain, shift = affine if affine is not None else (jnp.ones(n), jnp.zeros(n))
   bias = layer.bias[...] if getattr(layer, "bias", None) is not None else jnp.zeros(n)
   matrix = ops.kernel_to_matrix(t) if isinstance(layer, nnx.Conv) else t
-  arrays = {"codes": packing.pack_codes(matrix, axis=0), "scale_pos": gain * scale_pos,
+  arrays = {"codes": packing.pack_trits(matrix), "scale_pos": gain * scale_pos,
             "bias": gain * bias + shift}
   if scale_neg is not None:
     arrays["scale_neg"] = gain * scale_neg
@@ -600,12 +602,18 @@ def _segment_specs(closed: jcore.ClosedJaxpr) -> list[jax.ShapeDtypeStruct]:
 
 
 def _params(meta: dict, arrays: dict) -> dict:
-  """Device arrays of an export; ternary codes as bitplanes (still 2 bits per weight),
-  converted with NumPy (a jitted conversion would compile for most of the load time)."""
-  rows = {node["inputs"][node["spec"]["operands"].index("codes")]: node["spec"]["rows"]
-          for node in meta["graph"]["nodes"] if node["op"] == "ternary"}
-  return jax.device_put({k: packing.bitplanes_from_codes(np.asarray(v), rows[k], 0)
-                         if k in rows else v for k, v in arrays.items()})
+  """Device arrays of an export; ternary codes as bitplanes (2 bits per weight), converted
+  with NumPy (a jitted conversion would compile for most of the load time) from base-3 codes
+  (format 3) or 2-bit codes (format 2)."""
+  shapes = {node["inputs"][node["spec"]["operands"].index("codes")]:
+            (node["spec"]["rows"], node["spec"]["features"])
+            for node in meta["graph"]["nodes"] if node["op"] == "ternary"}
+  if meta["format_version"] == 2:
+    planes = lambda v, shape: packing.bitplanes_from_codes(v, shape[0], 0)
+  else:
+    planes = lambda v, shape: packing.pack_bitplanes(packing.unpack_trits(v, shape), axis=0)
+  return jax.device_put({k: planes(np.asarray(v), shapes[k]) if k in shapes else v
+                         for k, v in arrays.items()})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -712,10 +720,17 @@ def _read_segments(directory: Path, meta: dict) -> tuple:
   segments = []
   for file in meta["graph"]["segments"]:
     try:
-      segments.append(jax.export.deserialize(bytearray((directory / file).read_bytes())))
-    except Exception as err:  # a serialization from another jax version, for example
-      raise ExportError(f"{directory}: cannot deserialize {file} ({type(err).__name__}: "
-                        f"{(str(err).splitlines() or [''])[0][:160]})") from err
+      segment = jax.export.deserialize(bytearray((directory / file).read_bytes()))
+      # The StableHLO inside is read only when the segment is first called; read it now. A
+      # newer jax's serialization fails here (jax.export is forward compatible for weeks only).
+      segment.mlir_module()
+    except Exception as err:
+      raise ExportError(f"{directory}: cannot deserialize {file}, written by jax "
+                        f"{meta['jax_version']}, with this jax {jax.__version__} "
+                        f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}); "
+                        "export the model with this jax, or run its model.onnx "
+                        "(ternjax.runtime_numpy)") from err
+    segments.append(segment)
   return tuple(segments)
 
 
@@ -955,7 +970,11 @@ def _check_written(path: Path, model: nnx.Module, probe: np.ndarray, onnx: bool)
 
 def _compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
   """``model``, or a copy whose modules compute in ``dtype`` (their ``dtype`` attribute, where
-  set: Flax layers promote inputs and parameters to it); parameters are not changed."""
+  set). Flax layers promote their parameters to their ``dtype`` before using them, so the
+  copy's are rounded to the dtype they were computed in (a bfloat16 model's kernels to
+  bfloat16 values, stored as float32): its ternary layers then quantize the very weights the
+  model quantized (their codes and scales are the model's) and its float layers multiply by
+  the same values."""
   if dtype is None:
     return model
   modules = [m for _, m in nnx.iter_modules(model)
@@ -964,8 +983,15 @@ def _compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
     return model
   clone = nnx.clone(model)
   for _, m in nnx.iter_modules(clone):
-    if getattr(m, "dtype", None) is not None:
-      object.__setattr__(m, "dtype", jnp.dtype(dtype))
+    own = getattr(m, "dtype", None)
+    if own is None or jnp.dtype(own) == jnp.dtype(dtype):
+      continue
+    for value in vars(m).values():
+      if isinstance(value, nnx.Param) and jnp.issubdtype(value.dtype, jnp.floating):
+        value[...] = value[...].astype(own).astype(value.dtype)
+    if (quant := tracing.ternary_quant(m)) is not None:
+      quant.weight_dtype = jnp.dtype(own)  # its statistics (threshold, scales) as computed
+    object.__setattr__(m, "dtype", jnp.dtype(dtype))
   return clone
 
 
@@ -1070,16 +1096,19 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
 def size_report(directory) -> dict:
   """Bytes of an export: arrays by role, files on disk, and bits per ternary weight.
 
-  Array sizes are the stored arrays' raw bytes (2-bit ``codes``; ``scales``: the weights'
+  Array sizes are the stored arrays' raw bytes (``codes``: base-3, 1.6 bits per weight in
+  format 3, 2 bits in format 2; ``scales``: the weights'
   ``scale_pos`` / ``scale_neg`` and the inputs' scales; ``bias`` of ternary layers; ``float``:
   everything else). ``disk_bytes`` counts every file of the export directory, ``orbax_bytes``
   the Orbax checkpoint (zstd-compressed chunks, so possibly below the raw arrays),
   ``onnx_bytes`` the ONNX file; ``onnx_bits_with_scales`` is read from the ONNX file's own
-  initializers (so it shows whether the ONNX weights stay packed).
+  initializers (so it shows whether the ONNX weights stay packed). Bits are None for an
+  export without ternary weights.
   """
   directory = Path(directory)
   meta = runtime_numpy.verify(directory)
-  size = collections.Counter({f"{r}_bytes": 0 for r in ("codes", "scales", "bias", "float")})
+  size = collections.Counter({f"{r}_bytes": 0 for r in ("codes", "scales", "bias", "float")},
+                             ternary_weights=0)
   for info in meta["arrays"].values():
     size[f"{info['role']}_bytes"] += math.prod(info["shape"]) * np.dtype(info["dtype"]).itemsize
   seen = set()
@@ -1094,8 +1123,8 @@ def size_report(directory) -> dict:
   size["graph_bytes"] = sum(f.stat().st_size for f in (directory / "graph").rglob("*"))
   size["array_bytes"] = sum(size[f"{r}_bytes"] for r in ("codes", "scales", "bias", "float"))
   size["float32_bytes"] = meta["float32_bytes"]
-  weights = max(size["ternary_weights"], 1)
-  bits = lambda *roles: 8 * sum(size[f"{r}_bytes"] for r in roles) / weights
+  weights = size["ternary_weights"]
+  bits = lambda *roles: 8 * sum(size[f"{r}_bytes"] for r in roles) / weights if weights else None
   report = dict(size, bits_codes=bits("codes"), bits_with_scales=bits("codes", "scales"),
                 bits_with_scales_biases=bits("codes", "scales", "bias"))
   if meta["onnx"]:
@@ -1105,7 +1134,7 @@ def size_report(directory) -> dict:
     report["onnx_bytes"] = path.stat().st_size
     packed = sum(numpy_helper.to_array(i).nbytes for i in onnx.load(path).graph.initializer
                  if meta["arrays"].get(i.name, {}).get("role") in ("codes", "scales"))
-    report["onnx_bits_with_scales"] = 8 * packed / weights
+    report["onnx_bits_with_scales"] = 8 * packed / weights if weights else None
   return report
 
 
@@ -1148,7 +1177,7 @@ def model_card(meta: dict, size: dict) -> str:
 | | bytes |
 |---|---|
 | ternary weights | {size['ternary_weights']:,} weights |
-| 2-bit codes | {size['codes_bytes']:,} ({size['bits_codes']:.3f} bits/weight) |
+| ternary codes | {size['codes_bytes']:,} ({size['bits_codes']:.3f} bits/weight) |
 | scales | {size['scales_bytes']:,} ({size['bits_with_scales']:.3f} bits/weight with codes) |
 | biases of ternary layers | {size['bias_bytes']:,} |
 | float arrays | {size['float_bytes']:,} |

@@ -98,11 +98,15 @@ class TernaryOperands(nnx.Module):
   ``alpha_pos``/``alpha_neg``, the ternary activation ``act_scale``, an RNG stream for
   stochastic weights), reachable from here by name too (``quant.act_scale``). In eval mode
   (``deterministic=True``) stochastic weights use the deterministic rounding.
+  ``weight_dtype``: the dtype the kernel is quantized in (None: the kernel's, i.e. the layer's
+  compute dtype, to which Flax promotes it); an export's float32 copy of a bfloat16 model sets
+  it to bfloat16, so that it has the model's codes and scales.
   """
 
   def __init__(self, config: QuantConfig, kernel: jax.Array, *, rngs: nnx.Rngs):
     self.config = config
     self.deterministic = False
+    self.weight_dtype = None
     self.weight_quantizer = q.WEIGHT_QUANTIZERS[config.weights](config, kernel, rngs=rngs)
     self.input_quantizer = q.ACTIVATION_QUANTIZERS[config.activations](config, rngs=rngs)
 
@@ -116,14 +120,20 @@ class TernaryOperands(nnx.Module):
 
   def weights(self, kernel: jax.Array) -> jax.Array:
     """The kernel used in the forward pass (dequantized ternary, or float for 'fp')."""
-    return self.weight_quantizer(kernel, deterministic=self.deterministic)
+    w = self.weight_quantizer(self._quantized_kernel(kernel), deterministic=self.deterministic)
+    return w.astype(kernel.dtype)
 
   def weight_codes(self, kernel: jax.Array):
     """Inference form of the kernel: ``(t, scale_pos, scale_neg)``, scales of shape ``(N,)``.
 
     ``scale_neg`` is None when both signs share one scale. Deterministic in every mode.
     """
-    return self.weight_quantizer.codes(kernel)
+    t, scale_pos, scale_neg = self.weight_quantizer.codes(self._quantized_kernel(kernel))
+    cast = lambda s: None if s is None else s.astype(kernel.dtype)
+    return t, cast(scale_pos), cast(scale_neg)
+
+  def _quantized_kernel(self, kernel: jax.Array) -> jax.Array:
+    return kernel if self.weight_dtype is None else kernel.astype(self.weight_dtype)
 
   def inputs(self, x: jax.Array) -> jax.Array:
     """The inputs used in the forward pass (quantized as configured)."""

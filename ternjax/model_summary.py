@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ternjax import tracing
+from ternjax import packing, tracing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +126,12 @@ def _layer_summary(name: str, module: nnx.Module, params: list, stats) -> LayerS
                         None, "")
   sparsity, scales = stats
   kernel = module.kernel
-  # 2-bit codes along the contraction axis, float32 for the other params (bias, learned
-  # scales) and for the per-channel scale that TWN / stochastic derive from the kernel.
+  # Base-3 codes as the export stores them (five trits a byte), float32 for the other params
+  # (bias, learned scales) and for the per-channel scale that TWN / stochastic derive from
+  # the kernel.
   n = kernel.shape[-1]
   derived = 0 if "αn" in scales else n
-  packed = -(-(kernel.size // n) // 4) * n + 4 * (count - kernel.size + derived)
+  packed = -(-kernel.size // packing.TRITS_PER_BYTE) + 4 * (count - kernel.size + derived)
   return LayerSummary(name, kind, count, 2, float_bytes, packed, sparsity, _scale_text(scales))
 
 
@@ -196,7 +197,8 @@ def summary(model: nnx.Module, x=None) -> Summary:
       example gives MACs per example). With it, one eval-mode call is traced: rows come in call
       order with output shapes and MACs. Without it, rows come in attribute order.
 
-  Packed bytes count ternary kernels as 2-bit codes plus float32 scales and biases; float
+  Packed bytes count ternary kernels as the export's base-3 codes (1.6 bits per weight) plus
+  float32 scales and biases; float
   layers stay float32. Like Larq's model summary: ``print(summary(model, x))``.
   """
   owner, params = _owners(model)

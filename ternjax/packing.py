@@ -1,24 +1,30 @@
 """Bit packing of ternary tensors.
 
-Two encodings, both 2 bits per trit:
+Three encodings:
 
 =============  ==========================  ============  ===================================
 encoding       bits per trit               trits / word  layout and padding
 =============  ==========================  ============  ===================================
-bitplanes      1 in ``pos`` + 1 in ``neg``   32 / uint32   along one axis (the contraction
-               (``+1 → pos``, ``−1 → neg``)               axis); trit ``i`` is bit ``i % 32``
-                                                          of word ``i // 32``; the axis is
+bitplanes      2: 1 in ``pos`` + 1 in        32 / uint32   along one axis (the contraction
+               ``neg`` (``+1 → pos``,                     axis); trit ``i`` is bit ``i % 32``
+               ``−1 → neg``)                              of word ``i // 32``; the axis is
                                                           zero-padded to a multiple of 32
-2-bit codes    ``0 → 0b00``, ``+1 → 0b01``,  4 / uint8     along one axis; trit ``i`` is bits
-               ``−1 → 0b10`` (``0b11``                     ``2·(i % 4)`` of byte ``i // 4``;
-               never written)                             zero-padded to a multiple of 4
+2-bit codes    2: ``0 → 0b00``, ``+1 →       4 / uint8     along one axis; trit ``i`` is bits
+               0b01``, ``−1 → 0b10``                      ``2·(i % 4)`` of byte ``i // 4``;
+               (``0b11`` never written)                   zero-padded to a multiple of 4
+base-3 trits   8/5 = 1.6: digit ``t mod 3``  5 / uint8     the whole tensor, flattened in C
+               (``0, 1, 2`` for ``0, +1,                  order; trit ``i`` is base-3 digit
+               −1``)                                      ``i % 5`` of byte ``i // 5`` (at
+                                                          most 242); zero-padded to a
+                                                          multiple of 5
 =============  ==========================  ============  ===================================
 
 Padding trits are 0 (both planes clear), so in a contraction they add nothing: a padded word
-can never change a result. Bitplanes feed the popcount GEMM; 2-bit codes are the compact
-storage format. ``unpack_*(pack_*(t)) == t`` for every shape. NumPy arrays are packed and
-unpacked with NumPy (no compilation: loading an export converts its codes this way), JAX
-arrays with ``jax.numpy``; both give the same words.
+can never change a result. Bitplanes feed the popcount GEMM; base-3 trits are the storage
+format of exports (format 3; 2-bit codes, byte-aligned per trit, that of format 2).
+``unpack_*(pack_*(t)) == t`` for every shape. NumPy arrays are packed and unpacked with NumPy
+(no compilation: loading an export converts its codes this way), JAX arrays with
+``jax.numpy``; both give the same bytes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ CODES_PER_BYTE = 4
 # Bit offsets of the codes in a byte, a constant (not an iota: ONNX converters turn that into a
 # uint8 Range, which onnxruntime does not implement).
 _CODE_SHIFTS = np.arange(0, 2 * CODES_PER_BYTE, 2, dtype=np.uint8)
+TRITS_PER_BYTE = 5
+_TRIT_POWERS = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.uint32)  # a constant, as _CODE_SHIFTS
 
 
 @jax.tree_util.register_dataclass
@@ -121,6 +129,23 @@ def unpack_codes(packed: jax.Array, length: int, axis: int = -1, dtype=jnp.int8)
   return xp.moveaxis(t, -1, axis)
 
 
+def pack_trits(t: jax.Array) -> jax.Array:
+  """Packs a ternary tensor into base-3 digits, five per uint8 (``(⌈size/5⌉,)``)."""
+  xp = _xp(t)
+  digits = xp.remainder(xp.reshape(t, -1).astype(np.int32), 3).astype(np.uint32)  # -1 -> 2
+  digits = _pad_axis_last(digits, 0, TRITS_PER_BYTE).reshape(-1, TRITS_PER_BYTE)
+  return xp.sum(digits * _TRIT_POWERS, axis=-1).astype(np.uint8)
+
+
+def unpack_trits(packed: jax.Array, shape, dtype=jnp.int8) -> jax.Array:
+  """Inverse of :func:`pack_trits`: the tensor of ``shape`` (unsigned integer division and
+  remainder: ONNX's ``Div`` and ``Mod``, the constant powers broadcast by the ops)."""
+  size = int(np.prod(shape))
+  digits = packed.astype(np.uint32)[:, None] // _TRIT_POWERS % 3
+  digits = digits.reshape(-1)[:size].reshape(shape)
+  return (digits == 1).astype(dtype) - (digits == 2).astype(dtype)
+
+
 def bitplanes_from_codes(packed: jax.Array, length: int, axis: int) -> Bitplanes:
-  """Bitplanes of a tensor stored as 2-bit codes (the export format)."""
+  """Bitplanes of a tensor stored as 2-bit codes (export format 2)."""
   return pack_bitplanes(unpack_codes(packed, length, axis), axis)

@@ -2,7 +2,8 @@
 onnxruntime), and the checks every runtime shares.
 
 The export (see :mod:`ternjax.export`) holds the model as ONNX next to its JAX form: ternary
-layers as 2-bit codes (uint8 initializers) unpacked by the graph itself, integer codes
+layers as base-3 codes (uint8 initializers, 1.6 bits per weight) unpacked by the graph itself
+(integer Div, Mod), integer codes
 contracted by an exact float32 MatMul, scales after. :func:`load` runs it with
 ``onnx.reference.ReferenceEvaluator`` (NumPy only; ``engine='numpy'``) or onnxruntime
 (``engine='onnxruntime'``):
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READS = (2, 3)  # format 2 stores 2-bit codes, format 3 base-3 ones (ternjax.packing)
 ARRAYS_ITEM = "arrays"          # Orbax item holding the arrays (PyTree of NumPy arrays)
 METADATA_ITEM = "metadata"      # Orbax item holding the metadata (JSON)
 METADATA_FILE = f"{METADATA_ITEM}/metadata"
@@ -69,10 +71,10 @@ def _old_format(directory: Path) -> ExportError:
     version = json.loads((directory / METADATA_FILE).read_text())["format_version"]
   except (OSError, ValueError, KeyError, TypeError):
     version = None
-  if version in (None, FORMAT_VERSION):
+  if version is None or version in READS:
     return ExportError(f"{directory}: not a ternjax export or corrupted: no {CHECKSUMS_FILE}")
   return ExportError(f"{directory}: export format version {version!r}, this ternjax reads "
-                     f"version {FORMAT_VERSION}; export the model again")
+                     f"versions {', '.join(map(str, READS))}; export the model again")
 
 
 def verify(directory, model: str | None = None) -> dict:
@@ -92,7 +94,7 @@ def verify(directory, model: str | None = None) -> dict:
     files = dict(sums["files"])
   except (OSError, ValueError, KeyError, TypeError):
     raise ExportError(f"{directory}: corrupted export: cannot read {CHECKSUMS_FILE}") from None
-  if sums.get("format_version") != FORMAT_VERSION:
+  if sums.get("format_version") not in READS:
     raise _old_format(directory)
   own = [f for top in (ARRAYS_ITEM, METADATA_ITEM, "graph") for f in (directory / top).rglob("*")
          if f.is_file()] + [f for f in (directory / ONNX_FILE,) if f.exists()]
@@ -109,7 +111,7 @@ def verify(directory, model: str | None = None) -> dict:
       raise ExportError(f"{directory}: corrupted export: {name} does not match its checksum "
                         "(truncated, damaged or edited)")
   meta = json.loads((directory / METADATA_FILE).read_text())
-  if meta.get("format_version") != FORMAT_VERSION:
+  if meta.get("format_version") != sums["format_version"]:
     raise _old_format(directory)
   if model is not None and meta.get("model") != model:
     raise ExportError(f"{directory}: holds model {meta.get('model')!r}, "

@@ -731,6 +731,9 @@ def train_and_evaluate(config: TrainConfig, model: nnx.Module, data: Dataset, wo
 
   if not history:  # finished before: the checkpoint holds the final model
     raise TrainError(f"{workdir}: no metrics recorded; start the run again with --overwrite")
+  saved_summary = workdir / "summary.json"
+  if start >= config.epochs and saved_summary.exists():  # nothing trained here: the summary of
+    return _read_json(saved_summary)                    # the process that trained it (device)
   last = history[-1]
   train_time = sum(h["epoch_time"] for h in history)
   summary = {"test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],

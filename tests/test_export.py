@@ -250,7 +250,7 @@ BAD_EXPORTS = {  # name: (edit, the one-line error)
                       r"arrays/extra is not covered by checksums.json"),
     "other version": (lambda p: (_rewrite_metadata(p, lambda m: m.update(format_version=1)),
                                  (p / "checksums.json").unlink()),
-                      r"export format version 1, this ternjax reads version 2"),
+                      r"export format version 1, this ternjax reads versions 2, 3"),
 }
 
 
@@ -413,11 +413,11 @@ def test_package_zip_and_model_card(mlp_export, tmp_path):
   np.testing.assert_array_equal(ex.load(tmp_path / "unzipped" / "export")(X), logits)
 
 
-def test_size_report_counts_two_bits_per_weight(mlp_export):
+def test_size_report_counts_base3_codes(mlp_export):
   size = ex.size_report(mlp_export[0])
   assert size["ternary_weights"] == 784 * 256 + 256 * 128 + 128 * 10
-  assert size["codes_bytes"] == 196 * 256 + 64 * 128 + 32 * 10
-  assert size["bits_codes"] == 2.0 and size["bits_with_scales"] < 2.1
+  assert size["codes_bytes"] == sum(-(-n // 5) for n in (784 * 256, 256 * 128, 128 * 10))
+  assert 1.6 <= size["bits_codes"] < 1.6001 and size["bits_with_scales"] < 1.7
   assert size["onnx_bits_with_scales"] == size["bits_with_scales"]  # packed in the ONNX too
   assert size["float32_bytes"] == 4 * (234752 + 256 + 128 + 10 + 3 + 4 * (256 + 128))
   assert size["orbax_bytes"] < size["float32_bytes"] / 13  # Orbax's own bytes vary by run
@@ -490,7 +490,8 @@ def test_trained_models_full_test_set_fresh_process(name, experiment, tmp_path):
   """Done-when of issue 13 (briefly trained): every runtime, in a process that never imports
   the model's code, predicts exactly what the trained model does in eval mode, here on 2,000
   MNIST test images (all 10,000: experiments/export_mnist.py and its committed results); the
-  Orbax and ONNX exports keep 2-bit codes."""
+  Orbax and ONNX exports keep base-3 codes, and with the scales stay within 2.1 bits per
+  ternary weight."""
   import dataclasses
 
   from ternjax import data as tjdata
@@ -503,8 +504,10 @@ def test_trained_models_full_test_set_fresh_process(name, experiment, tmp_path):
                                                                 lr=3e-3))
   for runtime in ("jax", "onnxruntime", "numpy"):
     assert result[runtime]["differing_predictions"] == 0, (runtime, result[runtime])
-  assert result["eval_accuracy"] > 0.2 and result["test_examples"] == 2000  # 32 steps
-  assert result["size"]["bits_codes"] <= 2.05  # 2 bits, rows padded to multiples of 4
+  # 32 steps: above chance (0.1), not a degenerate model whose runtimes agree trivially
+  assert result["eval_accuracy"] > 0.15 and result["test_examples"] == 2000
+  assert result["size"]["bits_codes"] < 1.601  # 5 trits a byte, one byte of padding a layer
+  assert result["size"]["bits_with_scales"] <= 2.1
   assert result["size"]["onnx_bits_with_scales"] == result["size"]["bits_with_scales"]
 
 
@@ -538,3 +541,22 @@ def test_cifar_zoo_architectures_every_runtime(case, tmp_path):
     depthwise = [n for n in nodes if n["name"].endswith("depthwise")]
     assert bool(depthwise) != kw.get("fp_depthwise", False)
     assert all(n["groups"] == n["features"] > 1 for n in depthwise)
+
+
+def test_bfloat16_model_exports_its_own_codes_and_scales(tmp_path):
+  """A layer computing in bfloat16 quantizes its kernel promoted to bfloat16 (TWN's threshold
+  and scale from bfloat16 sums): the float32 export stores those codes and scales, not a
+  float32 requantization's (which differ)."""
+  from ternjax import packing
+  model = nnx.Sequential(Flatten(), tj.TernaryLinear(
+      512, 64, dtype=jnp.bfloat16, quant=tj.QuantConfig(weights="twn"), rngs=nnx.Rngs(0)))
+  layer = model.layers[1]
+  path = ex.export(model, tmp_path / "e", model_name="bf16", input_shape=(512,), classes=64,
+                   onnx=False)
+  meta = ex.load(path).metadata
+  arrays = ex._restore_arrays(path, meta)
+  t, scale, _ = layer.quant.weight_codes(layer.kernel[...].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(packing.unpack_trits(arrays["layers/1/codes"], (512, 64)), t)
+  np.testing.assert_array_equal(arrays["layers/1/scale_pos"], np.asarray(scale, np.float32))
+  _, float32_scale, _ = layer.quant.weight_codes(layer.kernel[...])
+  assert not np.array_equal(np.asarray(float32_scale), np.asarray(scale, np.float32))

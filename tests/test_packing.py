@@ -40,6 +40,19 @@ def test_codes_round_trip(shape, seed, axis_pick):
   np.testing.assert_array_equal(packing.unpack_bitplanes(b), t)
 
 
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16))
+def test_trits_round_trip(shape, seed):
+  """Base-3 codes (the export format): five trits a byte, NumPy and JAX give the same bytes."""
+  t = _ternary(shape, seed)
+  c = packing.pack_trits(jnp.asarray(t))
+  assert c.dtype == jnp.uint8 and c.shape == (-(-t.size // 5),) and int(c.max()) <= 242
+  np.testing.assert_array_equal(packing.pack_trits(t), c)
+  np.testing.assert_array_equal(packing.unpack_trits(c, shape), t)
+  np.testing.assert_array_equal(packing.unpack_trits(np.asarray(c), shape), t)
+
+
 def test_documented_layout():
   t = np.zeros(40, np.int8)
   t[[0, 5, 33]] = 1
@@ -49,6 +62,8 @@ def test_documented_layout():
   np.testing.assert_array_equal(b.neg, [1 << 1, 1 << 7])
   c = packing.pack_codes(jnp.asarray([1, -1, 0, 1, -1]))
   np.testing.assert_array_equal(c, [0b01_00_10_01, 0b10])
+  trits = packing.pack_trits(jnp.asarray([1, -1, 0, 1, -1, -1]))  # digits 1, 2, 0, 1, 2 | 2
+  np.testing.assert_array_equal(trits, [1 + 2 * 3 + 0 * 9 + 1 * 27 + 2 * 81, 2])
 
 
 @pytest.mark.parametrize("shape, axis", [((1,), 0), ((37, 5), 0), ((3, 70), 1), ((4, 33, 2), 1)])

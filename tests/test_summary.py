@@ -31,8 +31,8 @@ def test_summary_table_in_call_order():
   assert names == ["conv1", "conv2", "bn", "fc1", "fc2"]
   fc1 = s.layers[names.index("fc1")]
   assert fc1.bits_per_weight == 2 and fc1.params == 512 * 32 + 32 + 1
-  # 2-bit codes (128 bytes per column) + float32 bias, scale and per-channel α
-  assert fc1.packed_bytes == 128 * 32 + 4 * (32 + 1 + 32)
+  # base-3 codes (five trits a byte) + float32 bias, scale and per-channel α
+  assert fc1.packed_bytes == 512 * 32 // 5 + 1 + 4 * (32 + 1 + 32)
   assert 0 < fc1.sparsity < 1
   assert fc1.output_shape == (1, 32) and fc1.macs == 512 * 32
   assert s.layers[names.index("conv2")].macs == 8 * 8 * 8 * 9 * 8

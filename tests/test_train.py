@@ -80,6 +80,22 @@ def test_run_dir_never_overwritten(small, tmp_path):
                              resume=True)
 
 
+def test_resuming_a_finished_run_keeps_its_summary(small, tmp_path):
+  """A finished run resumed elsewhere (to export it on another machine) reports the run as it
+  was trained (device, training time), not the resuming process."""
+  config = train.TrainConfig(epochs=1, batch_size=256)
+  run = tmp_path / "run"
+  first = train.train_and_evaluate(config, _mlp(), small, run)
+  saved = json.loads((run / "summary.json").read_text())
+  (run / "summary.json").write_text(json.dumps({**saved, "device": "the GPU that trained it"}))
+  model = _mlp(seed=5)
+  resumed = train.train_and_evaluate(config, model, small, run, resume=True)
+  assert resumed["device"] == "the GPU that trained it"
+  assert resumed["test_accuracy"] == first["test_accuracy"]
+  metrics, _ = train.evaluate(model, small.x_test, small.y_test, config.eval_batch_size)
+  assert metrics["accuracy"] == first["test_accuracy"]  # the checkpoint's model, restored
+
+
 def test_schedules_and_optimizers():
   steps = 10
   c = train.TrainConfig(epochs=4, lr=0.1, warmup_epochs=1)

@@ -6,8 +6,8 @@
 >>> net = zoo.load("mlp-mnist-twn")              # doctest: +SKIP
 >>> logits = net(uint8_images / 255)             # doctest: +SKIP
 
-Each entry is a folder of ``models/``: ``export/`` (a :mod:`ternjax.export` directory: 2-bit
-codes, float segments, ``model.onnx``, ``checksums.json``), ``card.json`` (architecture,
+Each entry is a folder of ``models/``: ``export/`` (a :mod:`ternjax.export` directory: packed
+ternary codes, float segments, ``model.onnx``, ``checksums.json``), ``card.json`` (architecture,
 method, data copy, accuracy on that copy, bits per weight, size, the command that trained it)
 and ``MODEL_CARD.md`` (the same for people). ``models/index.json`` records the SHA-256 of each
 entry's ``card.json`` and ``export/checksums.json``; the export's own checksums cover its other
