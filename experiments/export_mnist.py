@@ -223,9 +223,9 @@ def main(argv=None) -> int:
       f"# Export any model: MNIST, every runtime, a fresh process (issue 13)\n\nCommand: "
       f"`{command.strip()}`; {device}. Written by the command (its docstring says what each "
       f"column is). \"≠ predictions\" compares with the trained model in eval mode on the "
-      f"{results[0]['test_examples']:,} test images; bits per ternary weight count 2-bit codes "
-      f"and float32 scales (weights' and inputs'), over the Orbax arrays and over the "
-      f"initializers in model.onnx.\n\n{text}\n")
+      f"{results[0]['test_examples']:,} test images; bits per ternary weight count the packed "
+      f"(base-3) codes and float32 scales (weights' and inputs'), over the Orbax arrays and "
+      f"over the initializers in model.onnx.\n\n{text}\n")
   bad = [(r["model"], k) for r in results for k in ("jax", "onnxruntime", "numpy")
          if r[k]["differing_predictions"]]
   return 1 if bad else 0
