@@ -68,7 +68,7 @@ def test_resnet_sizes_and_shortcuts():
 
 
 def test_training_reduces_loss(cifar, tmp_path):
-  config = train.TrainConfig(epochs=3, batch_size=8, optimizer="sgd", nesterov=True, lr=0.05,
+  config = train.TrainConfig(epochs=3, batch_size=8, optimizer="sgd", nesterov=True, lr=0.01,
                              schedule="constant", label_smoothing=0.1, shift=4, flip=True)
   model = models.resnet20(tj.QuantConfig(weights="twn"), rngs=nnx.Rngs(0))
   train.train_and_evaluate(config, model, cifar.subset(32), tmp_path / "run")

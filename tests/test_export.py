@@ -506,7 +506,7 @@ def test_trained_models_full_test_set_fresh_process(name, experiment, tmp_path):
     assert result[runtime]["differing_predictions"] == 0, (runtime, result[runtime])
   # 32 steps: above chance (0.1), not a degenerate model whose runtimes agree trivially
   assert result["eval_accuracy"] > 0.15 and result["test_examples"] == 2000
-  assert result["size"]["bits_codes"] < 1.601  # 5 trits a byte, one byte of padding a layer
+  assert result["size"]["bits_codes"] < 1.61  # 5 trits a byte, at most 4 trits of padding a layer
   assert result["size"]["bits_with_scales"] <= 2.1
   assert result["size"]["onnx_bits_with_scales"] == result["size"]["bits_with_scales"]
 
