@@ -29,22 +29,25 @@ from ternjax.kernels import BlockSizes, ternary_matmul_triton
 B = BlockSizes
 CHECK_SHAPES = [(1, 100, 33), (17, 1000, 129)]
 SHAPES = [(16, 4096, 4096), (256, 4096, 4096), (1, 4096, 4096), (4096, 4096, 4096),
-          (1, 4096, 11008), (16, 11008, 4096)]
+          (1, 4096, 11008), (16, 11008, 4096), (512, 4096, 4096), (1024, 4096, 4096),
+          (2048, 4096, 4096)]
 
 
 def configs(m: int) -> list[BlockSizes]:
-  """The mma configurations timed at ``m`` rows (each compiles, so few)."""
-  mma = lambda bm, bn, bk, s, nw=4, st=3, **kw: B(kernel="mma", block_m=bm, block_n=bn,
-                                                  block_k=bk, split_k=s, num_warps=nw,
-                                                  num_stages=st, **kw)
+  """The mma configurations timed at ``m`` rows (each compiles, so few). ``a=False``: split-K
+  partial sums added by XLA instead of atomic adds into a zeroed output (no memset kernel)."""
+  mma = lambda bm, bn, bk, s, nw=4, st=3, a=True, **kw: B(
+      kernel="mma", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=nw,
+      num_stages=st, atomic=a, **kw)
   if m <= 16:
-    return [mma(16, 64, 4, 4), mma(16, 64, 4, 8), mma(16, 128, 4, 4), mma(16, 128, 4, 2),
-            mma(16, 64, 8, 4), mma(16, 128, 8, 2), mma(16, 64, 2, 8), mma(16, 64, 4, 4, st=4),
-            mma(16, 64, 4, 4, pack=False)]
+    return [mma(16, 64, 8, 4), mma(16, 64, 8, 4, a=False), mma(16, 64, 8, 8, a=False),
+            mma(16, 64, 4, 8, a=False), mma(16, 128, 4, 4), mma(16, 128, 4, 4, a=False),
+            mma(16, 64, 8, 4, st=4, a=False)]
   if m <= 256:
-    return [mma(64, 128, 4, 1, 8), mma(64, 128, 4, 2, 8), mma(128, 128, 4, 1, 8),
-            mma(128, 128, 4, 2, 8), mma(32, 128, 4, 2), mma(64, 64, 4, 1)]
-  return [mma(128, 128, 4, 1, 8), mma(64, 128, 4, 1, 8)]
+    return [mma(64, 64, 4, 1), mma(64, 64, 4, 2, a=False), mma(64, 128, 4, 2, 8, a=False),
+            mma(128, 128, 4, 2, 8), mma(128, 128, 4, 2, 8, a=False)]
+  return [mma(128, 128, 4, 1, 8), mma(128, 256, 4, 1, 8), mma(128, 128, 8, 1, 8),
+          mma(128, 128, 4, 1, 8, st=4)]
 
 
 def _ints(key, shape, lo, hi):

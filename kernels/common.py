@@ -63,6 +63,8 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 3
   pack: bool = True      # mma: 4 int8 (2 16-bit) trits per 32-bit unpack operation
+  atomic: bool = True    # jax-triton integer split-K: atomic adds into a zeroed output (a
+                         # memset kernel), else one partial sum per K range added by XLA
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -88,11 +90,13 @@ class GpuTuning:
 
   Implementation (the ``'gpu'`` policy, :meth:`choose`): ternary ``x`` up to
   ``xla_popcount_max_mkn = M·K·N`` runs XLA's fused popcount (the kernels' split-K reduction
-  and launch cost more than the work); from ``kernels_max_m`` rows XLA's unpack + cuBLAS int8
-  dot (float ``x``: XLA's dot of unpacked weights); the kernels in between: jax-triton's
-  ``mma`` where jax-triton is installed (ternary ``x`` as int8 codes), else Pallas.
-  Tiles (:meth:`block_sizes`): ``mma`` with 16-row tiles and ``mma_small_split`` K splits up
-  to ``mma_small_m`` rows, wider tiles above; without it the popcount kernel for ternary ``x``
+  and launch cost more than the work); up to ``mma_max_m`` rows jax-triton's ``mma`` where
+  jax-triton is installed (ternary ``x`` as int8 codes; not float32 ``x``), else below
+  ``kernels_max_m`` rows Pallas; above, XLA's unpack + cuBLAS int8 dot (float ``x``: XLA's
+  dot of unpacked weights). Tiles (:meth:`block_sizes`): ``mma`` with 16-row tiles and
+  ``mma_small_split`` K splits up to ``mma_small_m`` rows (integer splits added atomically up
+  to ``mma_atomic_max_m`` rows, as partial sums above), 64-row tiles up to ``mma_wide_m`` and
+  128-row tiles above; without it the popcount kernel for ternary ``x``
   up to ``popcount_max_m`` rows, else the tensor-core dot, ``block_m = 16`` up to
   ``dot_small_m`` rows and wider tiles above ``dot_wide_m``; K is split while there are fewer
   than ``split_k_programs`` programs (about two per SM) and each split keeps
@@ -106,8 +110,11 @@ class GpuTuning:
   dot_wide_m: int = 256
   split_k_programs: int = 256
   split_k_min_steps: int = 4
+  mma_max_m: int = 2048
   mma_small_m: int = 16
   mma_small_split: int = 4
+  mma_atomic_max_m: int = 1
+  mma_wide_m: int = 256
 
   def block_sizes(self, m: int, n: int, k: int, *, x_ternary: bool, integer: bool = True,
                   mma: bool = False) -> BlockSizes:
@@ -135,7 +142,10 @@ class GpuTuning:
   def _mma_block_sizes(self, m: int, integer: bool) -> BlockSizes:
     if m <= self.mma_small_m:  # int8: 16x64 tiles of 8 words; bf16: 16x128 of 4 words
       return BlockSizes(kernel="mma", block_m=16, block_n=64 if integer else 128,
-                        block_k=8 if integer else 4, split_k=self.mma_small_split)
+                        block_k=8 if integer else 4, split_k=self.mma_small_split,
+                        atomic=m <= self.mma_atomic_max_m)
+    if m > self.mma_wide_m:
+      return BlockSizes(kernel="mma", block_m=128, block_n=128, block_k=4, num_warps=8)
     if integer:  # 64x64 tiles measured best at M = 256 (more programs than 128-wide ones)
       return BlockSizes(kernel="mma", block_m=min(64, next_pow2(m)), block_n=64, block_k=4)
     return BlockSizes(kernel="mma", block_m=min(128, next_pow2(m)), block_n=128, block_k=4,
@@ -148,9 +158,10 @@ class GpuTuning:
     if x_ternary and m * k * w.pos.shape[1] <= self.xla_popcount_max_mkn:
       return "xla", x, True
     codes = x.astype(jnp.int8) if x_ternary else x
-    if m >= self.kernels_max_m:
+    mma = "triton" in ops.IMPLEMENTATIONS and x.dtype != jnp.float32  # int8 and 16-bit
+    if m > self.mma_max_m if mma else m >= self.kernels_max_m:
       return "xla", codes, False
-    if "triton" in ops.IMPLEMENTATIONS and x.dtype != jnp.float32:  # mma: int8 and 16-bit
+    if mma:
       return "triton", codes, False
     if "pallas" not in ops.IMPLEMENTATIONS:
       return "xla", codes, False

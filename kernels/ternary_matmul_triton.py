@@ -3,8 +3,9 @@
 The kernels of :mod:`ternjax.kernels.common`, written against Triton directly: masked loads
 handle every shape without padding copies, and popcount is libdevice's ``popc``. Outputs are
 one int32/float32 array of shape ``(1 or 2, M, N)`` (two accumulators for asymmetric scales),
-zeroed by jax-triton when ``split_k > 1`` adds partial sums atomically (float ``mma`` sums are
-written per K range and added by XLA instead, so that they do not depend on atomic order).
+zeroed by jax-triton when ``split_k > 1`` adds partial sums atomically; with
+``BlockSizes.atomic=False`` (and always for float ``mma`` sums, so that they do not depend on
+atomic order) each K range writes its own partial sums, added by XLA.
 Pointer offsets are int32: operands up to 2³¹ elements.
 
 ``mma`` is the Hopper kernel: the 2-bit weight planes are expanded in registers, four int8
@@ -35,6 +36,14 @@ def _store(ptr, acc, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _split_out(out_ptr, m, n, TWO_SUMS: tl.constexpr, ATOMIC: tl.constexpr):
+  """Where this program's sums go: the output, or without ``ATOMIC`` its K range's partial."""
+  if ATOMIC:
+    return out_ptr
+  return out_ptr + tl.program_id(2) * (2 if TWO_SUMS else 1) * m * n
+
+
+@triton.jit
 def _popcount_kernel(xp_ptr, xn_ptr, wp_ptr, wn_ptr, m, n, kw, split_words, out_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      TWO_SUMS: tl.constexpr, ATOMIC: tl.constexpr):
@@ -58,6 +67,7 @@ def _popcount_kernel(xp_ptr, xn_ptr, wp_ptr, wn_ptr, m, n, kw, split_words, out_
         acc_neg += libdevice.popc(xp & wn) - libdevice.popc(xn & wn)
       else:
         acc += libdevice.popc((xp & wp) | (xn & wn)) - libdevice.popc((xp & wn) | (xn & wp))
+  out_ptr = _split_out(out_ptr, m, n, TWO_SUMS, ATOMIC)
   offsets = rows[:, None] * n + cols[None, :]
   mask = row_ok[:, None] & col_ok[None, :]
   _store(out_ptr + offsets, acc, mask, ATOMIC)
@@ -95,6 +105,7 @@ def _dot_kernel(x_ptr, wp_ptr, wn_ptr, m, n, k, kw, split_words, out_ptr,
       acc_neg = tl.dot(x, tn.to(x.dtype), acc_neg, input_precision=PRECISION, out_dtype=acc_type)
     else:
       acc = tl.dot(x, (tp - tn).to(x.dtype), acc, input_precision=PRECISION, out_dtype=acc_type)
+  out_ptr = _split_out(out_ptr, m, n, TWO_SUMS, ATOMIC)
   offsets = rows[:, None] * n + cols[None, :]
   mask = row_ok[:, None] & col_ok[None, :]
   _store(out_ptr + offsets, acc, mask, ATOMIC)
@@ -177,10 +188,9 @@ def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr
     else:
       acc = tl.dot(_trits(wp, wn, x, PACK, True), x, acc, input_precision=PRECISION,
                    out_dtype=acc_type)
+  out_ptr = _split_out(out_ptr, M, N, TWO_SUMS, ATOMIC)
   offsets = rows[None, :] * N + cols[:, None]
   mask = row_ok[None, :] & col_ok[:, None]
-  if not ATOMIC:  # float split-K: one partial sum per K range, added by XLA
-    out_ptr += tl.program_id(2) * (2 if TWO_SUMS else 1) * M * N
   _store(out_ptr + offsets, acc, mask, ATOMIC)
   if TWO_SUMS:
     _store(out_ptr + M * N + offsets, acc_neg, mask, ATOMIC)
@@ -189,10 +199,12 @@ def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr
 def _launch(kernel, arrays, sizes: dict, *, m, n, kw, acc_dtype, two_sums, bs: BlockSizes,
             partials=False, static=False, **meta):
   """Launches over ``(M/bm, N/bn, split_k)``: split sums are added atomically into a zeroed
-  output, or with ``partials`` (float sums, whose atomic order would vary) written one per K
-  range and added by XLA. ``sizes`` (and the words per split) are scalar arguments, or with
-  ``static`` upper-case constants (one compile per shape; the compiler then knows the row
-  strides' alignment and vectorizes and pipelines the loads)."""
+  output (jax-triton zeroes it with a memset kernel), or with ``partials`` (float sums, whose
+  atomic order would vary, and integer ones with ``BlockSizes.atomic=False``) written one per
+  K range and added by XLA, which fuses the sum into the epilogue. ``sizes`` (and the words
+  per split) are scalar arguments, or with ``static`` upper-case constants (one compile per
+  shape; the compiler then knows the row strides' alignment and vectorizes and pipelines the
+  loads)."""
   if max(m, n) * kw * WORD >= 2**31:
     raise NotImplementedError(f"operands over 2**31 elements (int32 offsets): {m=} {n=} {kw=}")
   split_words = common.cdiv(common.cdiv(kw, bs.split_k), bs.block_k) * bs.block_k
@@ -218,7 +230,8 @@ def _popcount(xp, xn, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   del interpret  # Backend refuses it
   (m, kw), n = xp.shape, wp.shape[1]
   return _launch(_popcount_kernel, (xp, xn, wp, wn), dict(m=m, n=n, kw=kw), m=m, n=n, kw=kw,
-                 acc_dtype=jnp.int32, two_sums=two_sums, bs=block_sizes)
+                 acc_dtype=jnp.int32, two_sums=two_sums, bs=block_sizes,
+                 partials=not block_sizes.atomic)
 
 
 def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
@@ -227,14 +240,15 @@ def _dot(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   return _launch(_dot_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
-                 bs=block_sizes, PRECISION="ieee" if x.dtype == jnp.float32 else None)
+                 bs=block_sizes, partials=not block_sizes.atomic,
+                 PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 
 def permute_x(x, kw: int, pack: int):
   """``x`` zero-padded to ``32·kw`` columns, each word's 32 in the order of :func:`_trits`'
   ``pack`` trits per lane: column ``32·w + pack·r + i`` holds trit ``32·w + 32/pack·i + r``.
-  (One XLA transpose: measured faster than permuting in the kernel, run 2 of
-  experiments/results/sweep_gpu_kernels_h200.md.)"""
+  (One XLA transpose: measured faster than permuting in the kernel's registers or loading x
+  in this order, runs 2 and 3 of experiments/results/sweep_gpu_kernels_h200.md.)"""
   m = x.shape[0]
   x = pad_to(x, (m, kw * WORD)).reshape(m, kw, pack, WORD // pack)
   return jnp.swapaxes(x, 2, 3).reshape(m, kw * WORD)
@@ -249,7 +263,8 @@ def _mma(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
     x, k = permute_x(x, kw, pack), kw * WORD
   return _launch(_mma_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
-                 bs=block_sizes, partials=not integer, static=True, PACK=pack,
+                 bs=block_sizes, partials=not (integer and block_sizes.atomic), static=True,
+                 PACK=pack,
                  PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 

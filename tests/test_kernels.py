@@ -20,11 +20,13 @@ CONFIGS = [  # grids of more than one program along M, N and K (split_k)
     BlockSizes(kernel="dot", block_m=16, block_n=32, block_k=2),
 ]
 # The Hopper mma kernel (jax-triton only): K split over programs, float split-K partial sums,
-# one int8 plane per shift (pack=False), 64-row tiles.
+# one int8 plane per shift (pack=False), 64-row tiles, integer partial sums instead of atomic
+# adds.
 MMA_CONFIGS = [
     BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=1, split_k=2),
     BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=2, pack=False),
     BlockSizes(kernel="mma", block_m=64, block_n=64, block_k=4),
+    BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=2, split_k=2, atomic=False),
 ]
 
 
@@ -96,6 +98,9 @@ def test_block_sizes_validation_and_defaults():
   small = BlockSizes.get_default(1, 4096, 4096, x_ternary=True, mma=True)
   assert (small.kernel, small.block_m, small.split_k) == ("mma", 16, 4)
   assert BlockSizes.get_default(256, 4096, 4096, x_ternary=False, mma=True).block_m == 64
+  assert BlockSizes.get_default(1024, 4096, 4096, x_ternary=False, mma=True).block_m == 128
+  assert BlockSizes.get_default(1, 4096, 4096, x_ternary=False, mma=True).atomic
+  assert not BlockSizes.get_default(16, 4096, 4096, x_ternary=False, mma=True).atomic
 
 
 def test_unsupported_inputs_raise():
@@ -150,12 +155,15 @@ def test_gpu_policy_prefers_the_mma_kernel(monkeypatch):
   assert choose(jnp.zeros((5, 64), jnp.int32), True) == ("triton", jnp.int8, False)
   assert choose(jnp.zeros((5, 64), jnp.bfloat16), False) == ("triton", jnp.bfloat16, False)
   assert choose(jnp.zeros((5, 64), jnp.float32), False) == ("pallas", jnp.float32, False)
-  assert choose(jnp.zeros((tuning.kernels_max_m, 64), jnp.int8), False)[0] == "xla"
+  assert choose(jnp.zeros((tuning.kernels_max_m, 64), jnp.int8), False)[0] == "triton"
+  assert choose(jnp.zeros((tuning.mma_max_m, 64), jnp.int8), False)[0] == "triton"
+  assert choose(jnp.zeros((tuning.mma_max_m + 1, 64), jnp.int8), False)[0] == "xla"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernels need a GPU")
 @pytest.mark.parametrize("backend", ["pallas", "triton"])
-@pytest.mark.parametrize("bs", [None] + CONFIGS + MMA_CONFIGS)
+@pytest.mark.parametrize("bs", [None] + CONFIGS + MMA_CONFIGS + [  # jax-triton split-K partials
+    dataclasses.replace(bs, atomic=False) for bs in CONFIGS[:2]])
 @pytest.mark.parametrize("m,k,n", SHAPES + arg_specs.GPU_CHECK[-1:])
 def test_gpu_kernels_exact(backend, m, k, n, bs):
   module = getattr(kernels, f"ternary_matmul_{backend}")

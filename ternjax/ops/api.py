@@ -115,7 +115,7 @@ def ternary_conv(x: jax.Array, w: Bitplanes, *, window: Sequence[int],
   kwargs = dict(x_ternary=x_ternary, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
 
   def run(name, errors):
-    impl = base.IMPLEMENTATIONS.get(name)
+    impl = base.IMPLEMENTATIONS.get(name) or base.POLICIES.get(name)
     if impl is not None and impl.conv is not None and x.shape[0] > 0:
       try:
         base.check_platform(name, impl.platforms)

@@ -47,10 +47,13 @@ class Implementation:
 class Policy:
   """A choice among implementations: ``choose(x, w, *, x_ternary) -> (name, x, x_ternary)``
   names the implementation for the call and the form of ``x`` it gets (e.g. ternary codes
-  as int8 for a dot), on ``platforms`` (empty: all)."""
+  as int8 for a dot), on ``platforms`` (empty: all). ``conv``, if any, is a direct
+  convolution (as :class:`Implementation`'s) tried first for convolutions; where it raises
+  ``NotImplementedError`` they run as patches + the chosen matmul."""
 
   choose: Callable[..., tuple[str, jax.Array, bool]]
   platforms: tuple[str, ...] = ()
+  conv: Callable[..., jax.Array] | None = None
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -70,9 +73,10 @@ def register(name: str, matmul: Callable[..., jax.Array], *,
 
 
 def register_policy(name: str, choose: Callable[..., tuple[str, jax.Array, bool]], *,
-                    platforms: Sequence[str] = ()) -> None:
+                    platforms: Sequence[str] = (),
+                    conv: Callable[..., jax.Array] | None = None) -> None:
   """Registers a policy under ``name`` (see :class:`Policy`)."""
-  POLICIES[name] = Policy(choose, tuple(platforms))
+  POLICIES[name] = Policy(choose, tuple(platforms), conv)
 
 
 @functools.cache

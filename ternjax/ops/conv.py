@@ -1,5 +1,5 @@
-"""Ternary convolutions: patches + matmul (every implementation) and the XLA implementation's
-direct CPU convolutions.
+"""Ternary convolutions: patches + matmul (every implementation), the XLA implementation's
+direct CPU convolutions and the direct float convolution of the GPU policy.
 
 A conv kernel ``(*window, C, O)`` is packed as the ``(C·prod(window), O)`` matrix of
 :func:`kernel_to_matrix` (rows in (C, *window) order, as :func:`conv_patches`).
@@ -123,6 +123,29 @@ def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x
                             x_scale is not None or w_scale is not None)
   else:
     raise NotImplementedError(f"no exact direct convolution of {x.dtype} inputs over K = {k}")
+  if x_scale is not None and jnp.ndim(x_scale) > 0:
+    x_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
+  return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
+
+
+def float_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x_scale=None,
+               w_scale=None, w_scale_neg=None):
+  """Float activations: one XLA convolution (cuDNN on a GPU) of the kernel unpacked to ``x``'s
+  dtype, float32 accumulation; what a float model's layer runs, where patches + matmul would
+  write ``prod(window)`` copies of the input. Integer codes raise ``NotImplementedError``
+  (a GPU convolution may pick a Winograd or FFT algorithm: their sums run as patches + an
+  exact matmul)."""
+  del x_ternary  # integer codes only
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise NotImplementedError(f"direct float convolutions take float activations, not {x.dtype}")
+  two_sums = w_scale_neg is not None
+  sp = "HWD"[:len(window)]
+  out = lax.conv_general_dilated(
+      x, _conv_kernel(w, x.shape[-1], window, x.dtype, two_sums), strides, padding,
+      rhs_dilation=rhs_dilation, dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+      precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,  # not TF32
+      preferred_element_type=jnp.float32)
+  accs = jnp.split(out, 2, axis=-1) if two_sums else (out,)
   if x_scale is not None and jnp.ndim(x_scale) > 0:
     x_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
   return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
