@@ -11,13 +11,15 @@ computing in that dtype, loaded with ``ternjax.export.load`` (the dispatch picks
 per layer), and timed against its float twin (``weights='fp'``, bf16, one ``jax.jit`` of the
 merged module) on the same images. Time: wall clock of one call to its result, median of
 ``--repeats`` calls after two warm-up calls; images/s = batch / that. An export its own
-agreement check refuses is recorded as refused, with the check's message. Writes
-bench_inference.{json,md} to ``--out``.
+agreement check refuses is recorded as refused, with the check's message. ``--profile``
+adds each runner's device time per call and its largest kernels to the JSON (where the
+export's time goes). Writes bench_inference.{json,md} to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from bench_kernels import _stream_events
 from export_cifar import CASES
 from flax import nnx
 
@@ -36,6 +39,23 @@ from ternjax import models
 
 RESULTS = Path(__file__).parent / "results"
 EXPORTS = {"export f32": "float32", "export bf16": None}  # label: compute_dtype
+
+
+def kernel_breakdown(fn, x, calls: int = 3, top: int = 12) -> dict:
+  """Device time per call and its largest kernels (µs per call, from profiler events)."""
+  jax.block_until_ready(fn(x))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(calls):
+        jax.block_until_ready(fn(x))
+    events = _stream_events(d)
+  if not events:  # no GPU stream (a CPU run)
+    return None
+  per_kernel = collections.Counter()
+  for _, duration_ns, name in events:
+    per_kernel[name[:80]] += duration_ns / calls / 1e3
+  return {"device_us": sum(per_kernel.values()), "kernels": len(events) // calls,
+          "largest_us": dict(per_kernel.most_common(top))}
 
 
 def seconds_per_call(fn, x, repeats: int) -> float:
@@ -59,7 +79,7 @@ def float_twin(name: str, options: dict):
   return lambda x: step(state, x)
 
 
-def bench_case(case: str, batches, repeats: int, tmp: Path) -> list[dict]:
+def bench_case(case: str, batches, repeats: int, tmp: Path, profile: bool) -> list[dict]:
   name, weights, options = CASES[case]
   runners = {"float bf16 (XLA)": float_twin(name, options)}
   for label, dtype in EXPORTS.items():
@@ -83,6 +103,8 @@ def bench_case(case: str, batches, repeats: int, tmp: Path) -> list[dict]:
     row = {"case": case, "batch": batch}
     for label, fn in runners.items():
       row[label] = fn if isinstance(fn, str) else batch / seconds_per_call(fn, x, repeats)
+      if profile and not isinstance(fn, str):
+        row[f"{label} profile"] = kernel_breakdown(fn, x)
     rows.append(row)
     print(json.dumps(row), flush=True)
   return rows
@@ -94,6 +116,8 @@ def main(argv=None) -> int:
                  default=["resnet20-twn", "resnet18-twn", "mobilenetv2-twn-fpdw", "vit_tiny-twn"])
   p.add_argument("--batches", nargs="+", type=int, default=[1, 1024])
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--profile", action="store_true",
+                 help="also record each runner's device time and largest kernels (GPU)")
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   if min(args.batches) < 1 or args.repeats < 1:
@@ -105,7 +129,7 @@ def main(argv=None) -> int:
   labels = ["float bf16 (XLA)", *EXPORTS]
   with tempfile.TemporaryDirectory() as tmp:
     for case in args.cases:
-      rows += bench_case(case, args.batches, args.repeats, Path(tmp))
+      rows += bench_case(case, args.batches, args.repeats, Path(tmp), args.profile)
       lines = ["| case | batch | " + " | ".join(f"{k} img/s" for k in labels)
                + " | export f32 × float | export bf16 × float |", "|---|---:|" + "---:|" * 5]
       cell = lambda v: f"{v:,.0f}" if isinstance(v, float) else "refused"
