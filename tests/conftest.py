@@ -3,6 +3,8 @@
 ``@pytest.mark.needs("fashion_mnist")`` (any ``ternjax.data`` dataset, or ``"tfds"`` for
 tensorflow-datasets) skips a test whose data the repository does not ship, with one line saying
 how to provide it; with ``TERNJAX_REQUIRE_DATA=1`` (set by ``.ci/run``) it fails instead.
+Tests marked ``full_test_set`` (whole test sets that take minutes on a CPU) are skipped unless
+``--full-test-sets`` is given.
 """
 
 import importlib.util
@@ -41,10 +43,23 @@ def _missing_for(item) -> str | None:
   return next((r for m in item.iter_markers("needs") for r in map(missing, m.args) if r), None)
 
 
-def pytest_collection_modifyitems(items):
-  """Runs ``slow`` tests first (with ``-n``, they then overlap the rest), and marks the tests
-  whose data is missing as skipped, unless ``$TERNJAX_REQUIRE_DATA``."""
+FULL_TEST_SETS = "--full-test-sets"
+
+
+def pytest_addoption(parser):
+  parser.addoption(FULL_TEST_SETS, action="store_true",
+                   help="also run the tests marked full_test_set (minutes on a CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs ``slow`` tests first (with ``-n``, they then overlap the rest), marks the tests
+  whose data is missing as skipped, unless ``$TERNJAX_REQUIRE_DATA``, and the
+  ``full_test_set`` ones, unless ``--full-test-sets``."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  if not config.getoption(FULL_TEST_SETS):
+    for item in items:
+      if item.get_closest_marker("full_test_set"):
+        item.add_marker(pytest.mark.skip(reason=f"a whole test set: run with {FULL_TEST_SETS}"))
   if not os.environ.get(REQUIRE_DATA):
     for item in items:
       if reason := _missing_for(item):
@@ -92,14 +107,18 @@ def no_local_data(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for a module's runs and subprocesses (test speed)."""
+  """A persistent compilation cache for a module's runs and subprocesses (test speed), of every
+  compilation, however short (eager operations too: a subprocess compiles them again)."""
   from jax.experimental.compilation_cache import compilation_cache as cc
   path = str(tmp_path_factory.mktemp("jax-cache"))
-  old = jax.config.jax_compilation_cache_dir
+  old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
   jax.config.update("jax_compilation_cache_dir", path)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cc.reset_cache()
   yield
-  del os.environ["JAX_COMPILATION_CACHE_DIR"]
-  jax.config.update("jax_compilation_cache_dir", old)
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    del os.environ[name]
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
   cc.reset_cache()

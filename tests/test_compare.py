@@ -25,8 +25,12 @@ def scripts(monkeypatch):
 
 
 @pytest.mark.slow
-def test_sweep_then_compare_smoke(scripts, tmp_path):
+def test_sweep_then_compare_smoke(scripts, tmp_path, monkeypatch):
   compare, sweep = scripts
+  # One compilation cache for the four runs, of every compilation (the later runs reuse the
+  # earlier ones' eager operations, ONNX plugin set-up, steps).
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax-cache"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   tiny = ["--limit", "128", "--epochs", "1", "--task", "lenet5-mnist"]
   found = sweep.main([*tiny, "--methods", "admm", "--trials", "2", "--batch-sizes", "32",
                       "--parallel", "2", "--work", str(tmp_path / "sw"),

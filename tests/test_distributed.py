@@ -89,9 +89,9 @@ def _free_port() -> int:
 
 def _env(cache: Path) -> dict:
   """The subprocesses' environment: on CPU (also on a GPU machine: these test CPU devices and
-  gloo), with a compilation cache shared by a test's runs."""
+  gloo), with a compilation cache shared by a test's runs (every compilation, however short)."""
   return {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
-          "JAX_PLATFORMS": "cpu"}
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PLATFORMS": "cpu"}
 
 
 def _metrics(run: Path) -> list[dict]:

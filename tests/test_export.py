@@ -26,17 +26,18 @@ RUNTIMES = {"jax": ex.load,
 
 
 def randomize_batchnorm(model, seed=1):
-  """Non-trivial running statistics and affine parameters (some negative scales)."""
-  key = jax.random.key(seed)
+  """Non-trivial running statistics and affine parameters (some negative scales), drawn by
+  NumPy (eager jax.random calls would compile for every BatchNorm size)."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
   for _, m in nnx.iter_modules(model):
     if isinstance(m, nnx.BatchNorm):
-      k = jax.random.split(key, 6)
-      key, n = k[5], m.num_features
-      m.mean[...] = 0.3 * jax.random.normal(k[0], (n,))
-      m.var[...] = jax.random.uniform(k[1], (n,), minval=0.2, maxval=2.0)
-      sign = jnp.where(jax.random.bernoulli(k[2], 0.1, (n,)), -1.0, 1.0)
-      m.scale[...] = sign * jax.random.uniform(k[3], (n,), minval=0.5, maxval=1.5)
-      m.bias[...] = 0.1 * jax.random.normal(k[4], (n,))
+      n = m.num_features
+      m.mean[...] = f32(0.3 * rng.standard_normal(n))
+      m.var[...] = f32(rng.uniform(0.2, 2.0, n))
+      sign = np.where(rng.random(n) < 0.1, -1.0, 1.0)
+      m.scale[...] = f32(sign * rng.uniform(0.5, 1.5, n))
+      m.bias[...] = f32(0.1 * rng.standard_normal(n))
   return model
 
 
@@ -52,8 +53,10 @@ def assert_logits_close(actual, expected):
 
 
 def eval_logits(model, x):
+  """The model's logits in eval mode, jitted (eager, it would compile operation by operation)."""
   model.eval()
-  return np.asarray(model(jnp.asarray(x)))
+  graphdef, state = nnx.split(model)
+  return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(x)))
 
 
 def assert_every_runtime(path, expected, x=X):

@@ -158,7 +158,8 @@ def test_random_flip_and_augment():
 
 
 def test_scanned_chunks_equal_single_steps(small, tmp_path):
-  """One scan over the epoch, chunks of 3 steps, and one step per call: the same training."""
+  """The default (one scan over the epoch; on a CPU one step per call), chunks of 3 steps, and
+  one step per call: the same training."""
   config = train.TrainConfig(epochs=2, batch_size=64, optimizer="sgd", lr=0.05, nesterov=True,
                              weight_decay=5e-4, label_smoothing=0.1, shift=2, flip=True)
   runs = []
