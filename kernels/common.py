@@ -159,7 +159,7 @@ class GpuTuning:
       return "xla", x, True
     codes = x.astype(jnp.int8) if x_ternary else x
     mma = "triton" in ops.IMPLEMENTATIONS and x.dtype != jnp.float32  # int8 and 16-bit
-    if m > self.mma_max_m if mma else m >= self.kernels_max_m:
+    if (m > self.mma_max_m) if mma else (m >= self.kernels_max_m):
       return "xla", codes, False
     if mma:
       return "triton", codes, False

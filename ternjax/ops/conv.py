@@ -97,6 +97,25 @@ def conv_popcount(x, w: Bitplanes, window, strides, padding, rhs_dilation, two_s
   return tuple(a.reshape(*out_spatial, -1) for a in cpu.popcount(rows, planes, two_sums, tuning))
 
 
+def _unpacked_conv(x, w: Bitplanes, window, strides, padding, rhs_dilation, two_sums: bool,
+                   **conv_kwargs) -> tuple[jax.Array, ...]:
+  """One XLA convolution of ``x`` with the kernel unpacked to ``x``'s dtype: ``Σ x·t``, or with
+  ``two_sums`` ``Σ x·[t = +1]`` and ``Σ x·[t = −1]``."""
+  sp = "HWD"[:len(window)]
+  out = lax.conv_general_dilated(
+      x, _conv_kernel(w, x.shape[-1], window, x.dtype, two_sums), strides, padding,
+      rhs_dilation=rhs_dilation, dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+      **conv_kwargs)
+  return tuple(jnp.split(out, 2, axis=-1)) if two_sums else (out,)
+
+
+def _conv_epilogue(accs, x, x_scale, w_scale, w_scale_neg) -> jax.Array:
+  """:func:`epilogue` of NHWC sums, a per-example ``x_scale`` broadcast over the pixels."""
+  if x_scale is not None and jnp.ndim(x_scale) > 0:
+    x_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
+  return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
+
+
 def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x_scale=None,
              w_scale=None, w_scale_neg=None, tuning: cpu.CpuTuning = cpu.CPU_TUNING):
   """Direct CPU convolutions (no patch matrix): channel-packed popcount for ternary ``x`` with
@@ -113,19 +132,13 @@ def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x
   if x_ternary and c >= tuning.conv_pack_min_c and out_rows >= tuning.conv_pack_min_rows:
     accs = conv_popcount(x, w, window, strides, padding, rhs_dilation, two_sums, tuning)
   elif k <= 2 ** 24 if x_ternary else cpu.float_route_exact(x, k):
-    sp = "HWD"[:len(window)]
-    out = lax.conv_general_dilated(
-        x.astype(jnp.float32), _conv_kernel(w, c, window, jnp.float32, two_sums), strides,
-        padding, rhs_dilation=rhs_dilation,
-        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"))
-    accs = jnp.split(out, 2, axis=-1) if two_sums else (out,)
+    accs = _unpacked_conv(x.astype(jnp.float32), w, window, strides, padding, rhs_dilation,
+                          two_sums)
     accs = cpu.integer_sums(accs, jnp.issubdtype(x.dtype, jnp.integer),
                             x_scale is not None or w_scale is not None)
   else:
     raise NotImplementedError(f"no exact direct convolution of {x.dtype} inputs over K = {k}")
-  if x_scale is not None and jnp.ndim(x_scale) > 0:
-    x_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
-  return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
+  return _conv_epilogue(accs, x, x_scale, w_scale, w_scale_neg)
 
 
 def float_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x_scale=None,
@@ -138,17 +151,10 @@ def float_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False,
   del x_ternary  # integer codes only
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise NotImplementedError(f"direct float convolutions take float activations, not {x.dtype}")
-  two_sums = w_scale_neg is not None
-  sp = "HWD"[:len(window)]
-  out = lax.conv_general_dilated(
-      x, _conv_kernel(w, x.shape[-1], window, x.dtype, two_sums), strides, padding,
-      rhs_dilation=rhs_dilation, dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
-      precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,  # not TF32
-      preferred_element_type=jnp.float32)
-  accs = jnp.split(out, 2, axis=-1) if two_sums else (out,)
-  if x_scale is not None and jnp.ndim(x_scale) > 0:
-    x_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
-  return epilogue(*accs, x_scale=x_scale, w_scale=w_scale, w_scale_neg=w_scale_neg)
+  accs = _unpacked_conv(x, w, window, strides, padding, rhs_dilation, w_scale_neg is not None,
+                        precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
+                        preferred_element_type=jnp.float32)  # float32: not TF32
+  return _conv_epilogue(accs, x, x_scale, w_scale, w_scale_neg)
 
 
 def patches_conv(x, w: Bitplanes, *, window, strides, padding, rhs_dilation,
