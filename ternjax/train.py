@@ -26,9 +26,9 @@ Speed: the model and optimizer are split once (``nnx.split``) and trained by one
 function of their state (donated) that runs ``lax.scan`` over a chunk of steps, gathering and
 augmenting each batch on the device; Python and NNX graph work happen once per chunk (a whole
 epoch by default), not once per step. On a CPU the default is one step per call, run without a
-loop: XLA:CPU runs convolution gradients over ten times slower inside a while loop (LeNet-5,
-batch 128: 95 ms a step alone, 1.29 s in a scan), and a CPU step outlasts its dispatch. The
-state goes back into the model at epoch ends only.
+loop: XLA:CPU runs convolution gradients many times slower inside a while loop
+(experiments/results/cpu_train_loop.md), and a CPU step outlasts its dispatch. The state goes
+back into the model at epoch ends only.
 
 Data parallel: given a ``mesh`` (:func:`ternjax.distributed.setup`), each batch is sharded along
 its ``data`` axis while parameters, optimizer state and the dataset are replicated; the batch
