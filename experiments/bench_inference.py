@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     p.error("--batches and --repeats must be positive")
   rows = []
   out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
   machine = f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
   command = "python experiments/bench_inference.py " + " ".join(argv or sys.argv[1:])
   labels = ["float bf16 (XLA)", *EXPORTS]
