@@ -4,16 +4,18 @@ bfloat16 through plain XLA: images/s at batch 1 and 1024, the CIFAR-10 architect
   python experiments/bench_inference.py                         # every case, on a GPU
   python experiments/bench_inference.py --cases resnet18-twn --batches 1 1024
 
-Each case is a registered architecture (export_cifar.CASES) with random weights: throughput
-does not depend on their values. It is exported twice, in float32 (what the zoo ships) and in
+Each case is a registered architecture and quantization (export_cifar.CASES) with random
+weights (throughput does not depend on their values), its BatchNorm statistics estimated on
+random images. It is exported twice, in float32 (what the zoo ships) and in
 bfloat16 (``compute_dtype=None``: the ternary layers get bf16 activations), each from a model
 computing in that dtype, loaded with ``ternjax.export.load`` (the dispatch picks the kernels
 per layer), and timed against its float twin (``weights='fp'``, bf16, one ``jax.jit`` of the
 merged module) on the same images. Time: wall clock of one call to its result, median of
 ``--repeats`` calls after two warm-up calls; images/s = batch / that. An export its own
-agreement check refuses is recorded as refused, with the check's message. ``--profile``
-adds each runner's device time per call and its largest kernels to the JSON (where the
-export's time goes). Writes bench_inference.{json,md} to ``--out``.
+agreement check refuses is recorded as refused, with the check's message (the bf16
+export's check allows ``BF16_TOLERANCE``; each export's measured agreement with its model
+is recorded). ``--profile`` adds each runner's device time per call and its largest kernels
+to the JSON (where the export's time goes). Writes bench_inference.{json,md} to ``--out``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from flax import nnx
 
 import ternjax as tj
 from ternjax import export as tjexport
-from ternjax import models
+from ternjax import models, train
 
 RESULTS = Path(__file__).parent / "results"
 EXPORTS = {"export f32": "float32", "export bf16": None}  # label: compute_dtype
+BF16_TOLERANCE = 0.2  # the bf16 export's own check: two bf16 computations of a deep network
 
 
 def kernel_breakdown(fn, x, calls: int = 3, top: int = 12) -> dict:
@@ -80,27 +83,36 @@ def float_twin(name: str, options: dict):
 
 
 def bench_case(case: str, batches, repeats: int, tmp: Path, profile: bool) -> list[dict]:
-  name, weights, options = CASES[case]
+  name, quant, options = CASES[case]
   runners = {"float bf16 (XLA)": float_twin(name, options)}
+  agreement = {}  # export: max |Δlogit| / max(1, max |logit|) against its model, 64 images
+  images = jax.random.randint(jax.random.key(0), (512, 32, 32, 3), 0, 256).astype(jnp.uint8)
   for label, dtype in EXPORTS.items():
-    # the model computes in the export's dtype: random deep networks amplify bf16-vs-f32
-    # differences past the export's own agreement check
-    model = models.CIFAR_MODELS[name](tj.QuantConfig(weights=weights),
+    # the model computes in the export's dtype (random deep networks amplify bf16-vs-f32
+    # differences past the export's own agreement check); its BatchNorms normalize as a
+    # trained model's do
+    model = models.CIFAR_MODELS[name](tj.QuantConfig(**quant),
                                       dtype=jnp.dtype(dtype or jnp.bfloat16),
                                       rngs=nnx.Rngs(0, quant=1), **options)
+    train.recalibrate_batchnorm(model, images, batch_size=128)
     model.eval()
     try:
       path = tjexport.export(model, tmp / f"{case}-{label.split()[1]}", model_name=name,
                              input_shape=(32, 32, 3), classes=10, onnx=False,
                              platforms=(jax.default_backend().replace("gpu", "cuda"),),
-                             compute_dtype=dtype)
+                             compute_dtype=dtype, tolerance=BF16_TOLERANCE if dtype is None
+                             else tjexport.PROBE_TOLERANCE)
       runners[label] = tjexport.load(path)
+      probe = jax.random.uniform(jax.random.key(1), (64, 32, 32, 3))
+      want = jnp.asarray(model(probe), jnp.float32)
+      agreement[label] = float(jnp.max(jnp.abs(runners[label](probe) - want))
+                               / jnp.maximum(1.0, jnp.max(jnp.abs(want))))
     except tjexport.ExportError as err:  # recorded: the export's own agreement check refused it
       runners[label] = str(err)
   rows = []
   for batch in batches:
     x = jax.random.uniform(jax.random.key(batch), (batch, 32, 32, 3), jnp.float32)
-    row = {"case": case, "batch": batch}
+    row = {"case": case, "batch": batch, "agreement": agreement}
     for label, fn in runners.items():
       row[label] = fn if isinstance(fn, str) else batch / seconds_per_call(fn, x, repeats)
       if profile and not isinstance(fn, str):
@@ -113,7 +125,8 @@ def bench_case(case: str, batches, repeats: int, tmp: Path, profile: bool) -> li
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--cases", nargs="+", choices=tuple(CASES),
-                 default=["resnet20-twn", "resnet18-twn", "mobilenetv2-twn-fpdw", "vit_tiny-twn"])
+                 default=["resnet20-twn", "resnet18-twn", "resnet18-twn-a8", "mobilenetv2-twn-fpdw",
+                          "vit_tiny-twn"])
   p.add_argument("--batches", nargs="+", type=int, default=[1, 1024])
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--profile", action="store_true",
@@ -132,11 +145,13 @@ def main(argv=None) -> int:
     for case in args.cases:
       rows += bench_case(case, args.batches, args.repeats, Path(tmp), args.profile)
       lines = ["| case | batch | " + " | ".join(f"{k} img/s" for k in labels)
-               + " | export f32 × float | export bf16 × float |", "|---|---:|" + "---:|" * 5]
+               + " | export f32 × float | export bf16 × float | bf16 export agreement |",
+               "|---|---:|" + "---:|" * 6]
       cell = lambda v: f"{v:,.0f}" if isinstance(v, float) else "refused"
       ratio = lambda r, k: f"{r[k] / r[labels[0]]:.2f}" if isinstance(r[k], float) else "-"
       lines += [f"| {r['case']} | {r['batch']} | " + " | ".join(cell(r[k]) for k in labels)
-                + f" | {ratio(r, 'export f32')} | {ratio(r, 'export bf16')} |" for r in rows]
+                + f" | {ratio(r, 'export f32')} | {ratio(r, 'export bf16')} | "
+                + f"{r['agreement'].get('export bf16', float('nan')):.3f} |" for r in rows]
       (out / "bench_inference.json").write_text(json.dumps(
           dict(command=command.strip(), machine=machine, rows=rows), indent=1) + "\n")
       (out / "bench_inference.md").write_text(

@@ -28,13 +28,14 @@ from ternjax import export as tjexport
 from ternjax import models
 
 RESULTS = Path(__file__).parent / "results"
-CASES = {  # name: (model, weights, builder options)
-    "resnet20-ttq": ("resnet20", "ttq", {}),
-    "resnet20-twn": ("resnet20", "twn", {}),
-    "resnet18-twn": ("resnet18", "twn", {}),
-    "mobilenetv2-twn": ("mobilenetv2", "twn", {}),
-    "mobilenetv2-twn-fpdw": ("mobilenetv2", "twn", {"fp_depthwise": True}),
-    "vit_tiny-twn": ("vit_tiny", "twn", {}),
+CASES = {  # name: (model, QuantConfig options, builder options)
+    "resnet20-ttq": ("resnet20", dict(weights="ttq"), {}),
+    "resnet20-twn": ("resnet20", dict(weights="twn"), {}),
+    "resnet18-twn": ("resnet18", dict(weights="twn"), {}),
+    "resnet18-twn-a8": ("resnet18", dict(weights="twn", activations="int8"), {}),  # W2A8
+    "mobilenetv2-twn": ("mobilenetv2", dict(weights="twn"), {}),
+    "mobilenetv2-twn-fpdw": ("mobilenetv2", dict(weights="twn"), {"fp_depthwise": True}),
+    "vit_tiny-twn": ("vit_tiny", dict(weights="twn"), {}),
 }
 KEYS = ("ternary_weights", "codes_bytes", "scales_bytes", "bits_with_scales", "orbax_bytes",
         "onnx_bytes", "graph_bytes", "disk_bytes", "float32_bytes")
@@ -43,14 +44,14 @@ KEYS = ("ternary_weights", "codes_bytes", "scales_bytes", "bits_with_scales", "o
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--cases", nargs="+", choices=tuple(CASES),
-                 default=[c for c in CASES if c != "resnet18-twn"])  # the zoo's architectures
+                 default=[c for c in CASES if not c.startswith("resnet18")])  # the zoo's
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for case in args.cases:
-      name, weights, options = CASES[case]
-      model = models.CIFAR_MODELS[name](tj.QuantConfig(weights=weights), dtype=jnp.bfloat16,
+      name, quant, options = CASES[case]
+      model = models.CIFAR_MODELS[name](tj.QuantConfig(**quant), dtype=jnp.bfloat16,
                                         rngs=nnx.Rngs(0, quant=1), **options)
       start = time.perf_counter()
       path = tjexport.export(model, Path(tmp) / case, model_name=name, input_shape=(32, 32, 3),

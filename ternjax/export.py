@@ -455,7 +455,10 @@ def _trace_model(model: nnx.Module, input_shape: Sequence[int]) -> _Traced:
     if quant is None:
       out = call(*args, **kwargs)
       return out + inputs[f"{path}/bn_shift"] if f"{path}/bn_shift" in inputs else out
-    codes, x_scale = quant.input_codes(args[0])
+    x, dtype = args[0], getattr(module, "dtype", None)
+    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(dtype)  # as the layer's own call (Flax promotes to its dtype)
+    codes, x_scale = quant.input_codes(x)
     # Computed arrays are extra inputs, or replace a state leaf of the same name (the bias).
     state = {"bias": module.bias[...] if getattr(module, "bias", None) is not None else None}
     operands = {"x": codes, "x_scale": x_scale,
@@ -463,7 +466,8 @@ def _trace_model(model: nnx.Module, input_shape: Sequence[int]) -> _Traced:
                                                                           "scale_neg", "bias")}}
     operands = {k: v for k, v in operands.items() if v is not None}
     spec = TernarySpec(**specs[path], operands=tuple(operands))
-    return ternary_layer_p.bind(*operands.values(), spec=spec)
+    out = ternary_layer_p.bind(*operands.values(), spec=spec)
+    return out if dtype is None else out.astype(dtype)
 
   closed, names = _traced(clone, x, hook, extra)
   return _split_graph(closed, names, values, layers, x)
@@ -947,7 +951,8 @@ def _agreement(got, expected) -> float:
   return float(np.max(np.abs(got - expected)) / max(1.0, float(np.max(np.abs(expected)))))
 
 
-def _check_written(path: Path, model: nnx.Module, probe: np.ndarray, onnx: bool) -> dict:
+def _check_written(path: Path, model: nnx.Module, probe: np.ndarray, onnx: bool,
+                   tolerance: float = PROBE_TOLERANCE) -> dict:
   """Loads the written export with every runtime and compares it with ``model`` (eval)."""
   reference = nnx.clone(model)
   reference.eval()
@@ -960,7 +965,7 @@ def _check_written(path: Path, model: nnx.Module, probe: np.ndarray, onnx: bool)
   report = {"model": _agreement(results["jax"], expected)}
   report.update({k: _agreement(v, results["jax"]) for k, v in results.items() if k != "jax"})
   for runtime, error in report.items():
-    if not error <= PROBE_TOLERANCE:
+    if not error <= tolerance:
       against = "the model in eval mode" if runtime == "model" else "the JAX runtime"
       raise ExportError(f"the written export's {'jax' if runtime == 'model' else runtime} "
                         f"runtime disagrees with {against} on a probe batch (max |Δ| "
@@ -1012,7 +1017,7 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
            accuracy: float | None = None, input_divisor: float = 255.0,
            extra: dict | None = None, overwrite: bool = False, onnx: bool = True,
            platforms: Sequence[str] = PLATFORMS, probe=None,
-           compute_dtype="float32") -> Path:
+           tolerance: float = PROBE_TOLERANCE, compute_dtype="float32") -> Path:
   """Writes ``model`` (eval mode: running statistics) as an inference export; returns its path.
 
   Float code is traced at float32 precision (``jax.default_matmul_precision('highest')``): on
@@ -1033,6 +1038,9 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
     platforms: the ``jax.export`` platforms of the serialized segments.
     probe: inputs on which the written export must agree with the model (default: four
       uniform random images in [0, 1)).
+    tolerance: the largest max |Δ| allowed there, relative to max(1, max |logit|); two
+      bfloat16 computations of a deep network (``compute_dtype=None``) can differ by more
+      than the float32 default.
     compute_dtype: the float code's compute dtype: the exported copy's modules compute in it
       (a model trained in bfloat16 exports as float32: ONNX runtimes lack bfloat16 kernels for
       most operators, and the ternary layers' integer sums are exact either way); None keeps
@@ -1084,7 +1092,7 @@ def export(model: nnx.Module, directory, *, model_name: str, input_shape: Sequen
     if onnx_bytes is not None:
       (tmp / ONNX_FILE).write_bytes(onnx_bytes)
     runtime_numpy.write_checksums(tmp)
-    _check_written(tmp, model, probe, onnx)
+    _check_written(tmp, model, probe, onnx, tolerance)
 
   return write_atomic(directory, write, overwrite=overwrite)
 

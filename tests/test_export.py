@@ -563,3 +563,27 @@ def test_bfloat16_model_exports_its_own_codes_and_scales(tmp_path):
   np.testing.assert_array_equal(arrays["layers/1/scale_pos"], np.asarray(scale, np.float32))
   _, float32_scale, _ = layer.quant.weight_codes(layer.kernel[...])
   assert not np.array_equal(np.asarray(float32_scale), np.asarray(scale, np.float32))
+
+
+def test_bfloat16_export_computes_its_layers_in_bfloat16(tmp_path, monkeypatch):
+  """``compute_dtype=None`` keeps a bfloat16 model's dtype: its ternary layers get their
+  inputs promoted to bfloat16 (as Flax's own call does, so a GPU runs the float model's bf16
+  convolutions) and return bfloat16, not float32."""
+  from ternjax import ops
+  model = nnx.Sequential(
+      tj.TernaryConv(3, 8, (3, 3), dtype=jnp.bfloat16, quant=tj.QuantConfig(weights="twn"),
+                     rngs=nnx.Rngs(0)), Flatten(),
+      tj.TernaryLinear(8 * 8 * 8, 4, dtype=jnp.bfloat16, quant=tj.QuantConfig(weights="twn"),
+                       rngs=nnx.Rngs(1)))
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (2, 8, 8, 3)))
+  seen = []
+  for name in ("ternary_conv", "ternary_matmul"):
+    op = getattr(ops, name)
+    monkeypatch.setattr(ops, name,
+                        lambda x, *a, _op=op, **k: seen.append(x.dtype) or _op(x, *a, **k))
+  path = ex.export(model, tmp_path / "e", model_name="bf16", input_shape=(8, 8, 3), classes=4,
+                   onnx=False, compute_dtype=None, tolerance=0.1)
+  seen.clear()
+  out = ex.load(path)(x)
+  assert seen == [jnp.bfloat16, jnp.bfloat16]
+  np.testing.assert_allclose(out, np.asarray(model(x), np.float32), rtol=0.05, atol=0.05)

@@ -250,23 +250,28 @@ def test_conv_exact(window, strides, padding, dilation, cin, x_ternary):
 
 
 @pytest.mark.parametrize("window,strides,padding,dilation,cin", arg_specs.CONV)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_float_conv_is_the_float_convolution(window, strides, padding, dilation, cin, dtype):
-  """The GPU policy's direct convolution of float activations: the float convolution of the
-  unpacked kernel, scales (TTQ's two included) as in patches + matmul; codes are refused."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_direct_conv_is_the_convolution(window, strides, padding, dilation, cin, dtype):
+  """The GPU policy's direct convolution: the convolution of the unpacked kernel, scales
+  (TTQ's two included) as in patches + matmul; int8 codes exactly, other codes refused."""
   rng = np.random.default_rng(cin)
-  x = jnp.asarray(rng.normal(size=(2, 9, 8, cin)), dtype)
+  x = (jnp.asarray(rng.integers(-127, 128, (2, 9, 8, cin)), dtype) if dtype == jnp.int8
+       else jnp.asarray(rng.normal(size=(2, 9, 8, cin)), dtype))
   kernel = rng.integers(-1, 2, (*window, cin, 4)).astype(np.int8)
   w = packing.pack_bitplanes(ops.kernel_to_matrix(jnp.asarray(kernel)), axis=0)
   geometry = dict(window=window, strides=strides, padding=padding, rhs_dilation=dilation)
   scales = dict(w_scale=jnp.asarray(rng.random(4), jnp.float32),
                 w_scale_neg=jnp.asarray(rng.random(4), jnp.float32),
                 x_scale=jnp.asarray(rng.random((2, 1, 1, 1)), jnp.float32))
+  rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-5  # bfloat16 sums, as in the float model
   for kw in ({}, scales):
-    got = ops.conv.float_conv(x, w, **geometry, **kw)
+    got = ops.conv.direct_conv(x, w, **geometry, **kw)
     want = ops.conv.patches_conv(x, w, **geometry, **kw, matmul=ops.xla_matmul)
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-  assert ops.POLICIES["gpu"].conv is ops.conv.float_conv
-  with pytest.raises(NotImplementedError, match="float activations"):
-    ops.conv.float_conv(x.astype(jnp.int8), w, **geometry)
+    assert got.dtype == want.dtype
+    if dtype == jnp.int8 and not kw:
+      np.testing.assert_array_equal(got, want)
+    else:
+      np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 10)
+  assert ops.POLICIES["gpu"].conv is ops.conv.direct_conv
+  with pytest.raises(NotImplementedError, match="int16 codes"):
+    ops.conv.direct_conv(x.astype(jnp.int16), w, **geometry)

@@ -1,5 +1,5 @@
 """Ternary convolutions: patches + matmul (every implementation), the XLA implementation's
-direct CPU convolutions and the direct float convolution of the GPU policy.
+direct CPU convolutions and the GPU policy's direct convolution.
 
 A conv kernel ``(*window, C, O)`` is packed as the ``(C·prod(window), O)`` matrix of
 :func:`kernel_to_matrix` (rows in (C, *window) order, as :func:`conv_patches`).
@@ -141,19 +141,31 @@ def xla_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x
   return _conv_epilogue(accs, x, x_scale, w_scale, w_scale_neg)
 
 
-def float_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x_scale=None,
-               w_scale=None, w_scale_neg=None):
-  """Float activations: one XLA convolution (cuDNN on a GPU) of the kernel unpacked to ``x``'s
-  dtype, float32 accumulation; what a float model's layer runs, where patches + matmul would
-  write ``prod(window)`` copies of the input. Integer codes raise ``NotImplementedError``
-  (a GPU convolution may pick a Winograd or FFT algorithm: their sums run as patches + an
-  exact matmul)."""
-  del x_ternary  # integer codes only
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise NotImplementedError(f"direct float convolutions take float activations, not {x.dtype}")
+def direct_conv(x, w, *, window, strides, padding, rhs_dilation, x_ternary=False, x_scale=None,
+                w_scale=None, w_scale_neg=None):
+  """One XLA convolution (cuDNN on a GPU) of the unpacked kernel, where patches + matmul would
+  write ``prod(window)`` copies of the input: the GPU policy's convolution.
+
+  Float ``x``: the kernel in ``x``'s dtype, what a float model's layer runs (bfloat16 sums
+  rounded to bfloat16, as there; float32 at HIGHEST precision, not TF32). int8 codes: an int8
+  convolution with float32 sums (cuDNN's integer convolutions are implicit GEMMs on the int8
+  tensor cores: exact while ``K·127 ≤ 2^24``); other integer codes, or larger ``K``, raise
+  ``NotImplementedError`` (patches + an exact matmul).
+  """
+  del x_ternary  # ternary codes are int8 codes here
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    kwargs = dict(precision=lax.Precision.HIGHEST) if x.dtype == jnp.float32 else {}
+  elif x.dtype == jnp.int8 and w.length * 127 <= 2 ** 24:
+    kwargs = dict(preferred_element_type=jnp.float32)
+  else:
+    raise NotImplementedError(f"no exact direct convolution of {x.dtype} codes over "
+                              f"K = {w.length}")
   accs = _unpacked_conv(x, w, window, strides, padding, rhs_dilation, w_scale_neg is not None,
-                        precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
-                        preferred_element_type=jnp.float32)  # float32: not TF32
+                        **kwargs)
+  if x.dtype == jnp.int8:
+    accs = cpu.integer_sums(accs, True, x_scale is not None or w_scale is not None)
+  else:
+    accs = tuple(a.astype(jnp.float32) for a in accs)  # the ops' float32 outputs
   return _conv_epilogue(accs, x, x_scale, w_scale, w_scale_neg)
 
 
