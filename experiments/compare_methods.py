@@ -8,7 +8,7 @@
 
 Every run is one process of experiments/methods.py (``--parallel`` at a time, sharing the GPU)
 training through the shared loop with the task's recipe (mnist.py / cifar10.py ``RECIPES``),
-the method's settings (``DEFAULTS``, else the quantizer's, replaced by a sweep's best
+the method's settings (``methods.DEFAULTS``, else the quantizer's, replaced by a sweep's best
 configuration with ``--best``). Run directories go under ``--work`` and are resumed: a call
 cut by ``--time-limit`` (or killed) continues with the same command, finished runs are only
 read. ``--out`` receives results.csv (one row per run), results.md (mean ± std over seeds,
@@ -33,9 +33,6 @@ from pathlib import Path
 
 import methods
 
-# Method settings where the quantizer's defaults are not the comparison's: ADMM's ρ grows
-# geometrically from admm_rho to admm_rho_end over the run (methods.resolve_quant).
-DEFAULTS = {"admm": {"admm_rho": 1e-4, "admm_rho_end": 1.0, "admm_every": 100}}
 # Goal: every ternary method within this many points of FP (mean over seeds); a reference.
 GOALS = {"lenet5-mnist": {"within": 0.2},
          "resnet20-cifar10": {"within": 0.5, "reference": ("TTQ paper, ResNet-20", 91.13)}}
@@ -47,8 +44,8 @@ CSV_FIELDS = ("task", "method", "seed", "status", "epochs", "test_accuracy",
 
 def settings(method: str, best: dict | None, batch_size: int | None) -> dict:
   """``lr``, ``batch_size`` (None: the recipe's) and ``quant`` of a method's runs: the sweep's
-  best configuration if given, else ``DEFAULTS``; ``batch_size`` overrides both."""
-  found = (best or {}).get(method, {"quant": DEFAULTS.get(method, {})})
+  best configuration if given, else ``methods.DEFAULTS``; ``batch_size`` overrides both."""
+  found = (best or {}).get(method, {"quant": methods.DEFAULTS.get(method, {})})
   return {"lr": found.get("lr"), "batch_size": batch_size or found.get("batch_size"),
           "quant": found.get("quant", {})}
 

@@ -9,8 +9,9 @@ optionally ``epochs``, ``lr``, ``batch_size``, ``quant`` (QuantConfig fields, e.
 ``data_dir``, ``validation`` (hold out the last ``VALIDATION_SIZE`` training images and test
 on them: what the sweep tunes on), ``overwrite``.
 The run trains through the shared loop (``train_and_evaluate``; resuming what ``workdir``
-holds), exports the trained model (``workdir/export``, ternjax.export) and writes
-``workdir/result.json``: the loop's summary and the deployed size (the export's).
+holds), exports the trained model (``workdir/export``, ternjax.export without the ONNX file:
+the packed arrays a deployment loads) and writes ``workdir/result.json``: the loop's summary and
+the deployed size (the export's).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 METHODS = ("fp", "twn", "ttq", "stochastic", "admm")
 VALIDATION_SIZE = 5000  # training images held out for the sweep's objective
+# Method settings where the quantizer's defaults are not the comparison's: ADMM's ρ grows
+# geometrically from admm_rho to admm_rho_end over the run (resolve_quant).
+DEFAULTS = {"admm": {"admm_rho": 1e-4, "admm_rho_end": 1.0, "admm_every": 100}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +135,8 @@ def run(spec: dict) -> dict:
     model.eval()
     path = tjexport.export(model, workdir / "export", model_name=task.model,
                            input_shape=data.x_test.shape[1:], classes=data.num_classes,
-                           accuracy=summary["test_accuracy"], extra=meta, overwrite=True)
+                           accuracy=summary["test_accuracy"], extra=meta, overwrite=True,
+                           onnx=False)
     report = tjexport.size_report(path)
     size.update(export_disk_bytes=report["disk_bytes"], export_array_bytes=report["array_bytes"],
                 bits_with_scales=report["bits_with_scales"])

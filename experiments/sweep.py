@@ -5,7 +5,8 @@
       --best experiments/results/sweep-lenet5-mnist/sweep.json
 
 One Optuna study per method (TPE sampler, seeded; stored in ``--work``/optuna.journal, so a
-cut sweep continues with the same command); each trial is one training (experiments/methods.py,
+cut sweep continues with the same command), whose first trial is the comparison's default
+settings (:func:`default_params`); each trial is one training (experiments/methods.py,
 ``--parallel`` processes sharing the GPU) scored on validation accuracy: the last
 ``methods.VALIDATION_SIZE`` training images are held out and the test set is not used.
 ``--out``/sweep.json holds every trial and the best configuration per method (the format
@@ -28,7 +29,7 @@ def suggest(trial, method: str, base_lr: float, batch_sizes) -> dict:
   """A trial's ``lr``, ``batch_size`` and ``quant`` (QuantConfig fields; ADMM: ρ's schedule
   and the training forward)."""
   quant = {}
-  if method == "twn":
+  if method in ("twn", "stochastic"):  # stochastic: δ of its scale, TWN's α
     quant["delta"] = trial.suggest_float("delta", 0.3, 1.2)
   elif method == "ttq":
     quant["ttq_threshold"] = trial.suggest_float("ttq_threshold", 0.01, 0.3, log=True)
@@ -40,6 +41,25 @@ def suggest(trial, method: str, base_lr: float, batch_sizes) -> dict:
   return {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 4, log=True),
           "batch_size": trial.suggest_categorical("batch_size", tuple(batch_sizes)),
           "quant": quant}
+
+
+def default_params(method: str, recipe, batch_sizes) -> dict:
+  """The comparison's settings without a sweep (the recipe's lr and batch size, the method's
+  ``methods.DEFAULTS`` or quantizer defaults) as the parameters of :func:`suggest`: each
+  study's first trial, so that the best found is never one the defaults beat on validation."""
+  from ternjax import QuantConfig
+
+  default = QuantConfig(weights=method)
+  params = {"lr": recipe.lr}
+  if recipe.batch_size in batch_sizes:
+    params["batch_size"] = recipe.batch_size
+  if method in ("twn", "stochastic"):
+    params["delta"] = default.delta
+  elif method == "ttq":
+    params["ttq_threshold"] = default.ttq_threshold
+  elif method == "admm":
+    params.update(admm_forward=default.admm_forward, **methods.DEFAULTS["admm"])
+  return params
 
 
 def _trial_row(t) -> dict:
@@ -112,6 +132,9 @@ def main(argv=None) -> dict:
     for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
       study.tell(t.number, state=optuna.trial.TrialState.FAIL)
   _, recipe = methods.recipe(args.task)
+  for method, study in studies.items():
+    if not study.trials:
+      study.enqueue_trial(default_params(method, recipe, args.batch_sizes))
 
   def pending():
     """Specs, asked from the studies one at a time as places free up (round robin)."""

@@ -19,7 +19,8 @@ quantizer       forward                                                 backward
 ``ttq``         Δ = t·max|w|; returns αp on w > Δ, −αn on w < −Δ, else  w: g·αp / g / g·αn on the
                 0                                                       +, 0, − sets; αp: Σ g over
                                                                         +; αn: −Σ g over −
-``stochastic``  s = max|w|; t = sign(w)·Bernoulli(|w|/s); returns s·t   STE (identity or clipped)
+``stochastic``  s = α of TWN; t = sign(w)·Bernoulli(min(|w|/s, 1));   STE (identity or clipped)
+                returns s·t
 ``admm``        training: the float w (or its projection, STE); the     the loss gradient plus
                 penalty pulls w to ternary; eval: :func:`ternary_fit`   ρ(w − G + U) (penalty)
 ``ternary_      t = sign(x)·[|x| > θ·s]; returns s·t                    x: g·[|x| ≤ s]; s: LSQ
@@ -177,23 +178,26 @@ ttq.defvjp(_ttq_fwd, _ttq_bwd)
 # Stochastic ternarization
 
 
-def stochastic_codes(w: jax.Array, key: jax.Array | None, per_channel: bool = False):
-  """Stochastic ternary codes and scale ``s = max|w|``; ``E[s·t] = w``.
+def stochastic_codes(w: jax.Array, key: jax.Array | None, delta: float = 0.7,
+                     per_channel: bool = False):
+  """Stochastic ternary codes and scale ``s``, TWN's ``α`` (:func:`twn_codes`, threshold ``δ``).
 
-  ``t = sign(w)`` with probability ``|w|/s``, else 0. With ``key=None`` the codes are the
-  deterministic rounding ``sign(w)·[|w|/s ≥ 1/2]`` (used for evaluation and export).
+  ``t = sign(w)`` with probability ``min(|w|/s, 1)``, else 0: ``E[s·t] = w`` wherever
+  ``|w| ≤ s``, and the larger weights, a few, are clipped to ``±s``. (``s = max|w|`` would keep
+  every weight unbiased but draws codes with a variance up to ``max|w|·|w|``, and its rounding
+  zeroes ~90% of a Gaussian's weights.) With ``key=None`` the codes are the deterministic
+  rounding ``sign(w)·[|w| ≥ s/2]``, the nearest point of ``{−s, 0, s}`` (eval and export).
   """
-  axes = _reduce_axes(w, per_channel)
-  scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+  _, scale = twn_codes(w, delta, per_channel)
   p = jnp.abs(w) / jnp.maximum(scale, jnp.finfo(w.dtype).tiny)
   keep = p >= 0.5 if key is None else jax.random.uniform(key, w.shape, w.dtype) < p
   return (jnp.sign(w) * keep).astype(jnp.int8), scale
 
 
-def stochastic(w: jax.Array, key: jax.Array | None, per_channel: bool = False,
-               ste: str = "identity") -> jax.Array:
+def stochastic(w: jax.Array, key: jax.Array | None, delta: float = 0.7,
+               per_channel: bool = False, ste: str = "identity") -> jax.Array:
   """Stochastic ternarization ``s·t`` (see :func:`stochastic_codes`); backward: STE."""
-  t, scale = stochastic_codes(w, key, per_channel)
+  t, scale = stochastic_codes(w, key, delta, per_channel)
   return straight_through(w, jax.lax.stop_gradient(scale * t), ste)
 
 
@@ -470,10 +474,11 @@ class Stochastic(WeightQuantizer):
 
   def __call__(self, kernel, *, deterministic=False):
     key = None if deterministic else self.rngs()
-    return stochastic(kernel, key, self.config.per_channel, self.config.ste)
+    c = self.config
+    return stochastic(kernel, key, c.delta, c.per_channel, c.ste)
 
   def codes(self, kernel):
-    t, scale = stochastic_codes(kernel, None, self.config.per_channel)
+    t, scale = stochastic_codes(kernel, None, self.config.delta, self.config.per_channel)
     return t, _per_column(scale, kernel), None
 
 

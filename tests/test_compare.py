@@ -38,6 +38,9 @@ def test_sweep_then_compare_smoke(scripts, tmp_path, monkeypatch):
   saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
   assert saved == json.loads(json.dumps(found))
   assert [t["state"] for t in saved["trials"]["admm"]] == ["COMPLETE", "COMPLETE"]
+  first = saved["trials"]["admm"][0]["params"]  # the comparison's defaults are tried first
+  defaults = importlib.import_module("methods").DEFAULTS["admm"]
+  assert {k: first[k] for k in defaults} == defaults and first["admm_forward"] == "float"
   best = saved["best"]["admm"]
   assert best["batch_size"] == 32 and {"admm_rho", "admm_rho_end"} <= best["quant"].keys()
   assert 0 < best["validation_accuracy"] <= 1

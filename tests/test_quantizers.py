@@ -59,14 +59,15 @@ def test_ttq_per_channel_scale_gradients():
   np.testing.assert_allclose(gn, [-3, -(2 + 6)])
 
 
-def test_stochastic_is_unbiased_and_ternary():
-  w = jnp.array([0.5, -0.25, 1.0, 0.0])
+def test_stochastic_is_unbiased_below_its_scale_and_ternary():
+  w = jnp.array([0.5, -0.25, 1.0, 0.0])  # TWN: Δ = 0.7·0.4375, support {0.5, 1.0}, α = 0.75
   keys = jax.random.split(jax.random.key(0), 4000)
   samples = jax.vmap(lambda k: q.stochastic(w, k))(keys)
-  assert set(np.unique(np.asarray(samples) / 1.0).tolist()) <= {-1.0, 0.0, 1.0}
-  np.testing.assert_allclose(samples.mean(0), w, atol=0.03)
-  t, s = q.stochastic_codes(w, None)  # deterministic rounding for eval/export
+  assert set(np.unique(np.asarray(samples) / 0.75).tolist()) <= {-1.0, 0.0, 1.0}
+  np.testing.assert_allclose(samples.mean(0), [0.5, -0.25, 0.75, 0.0], atol=0.03)  # 1.0 clipped
+  t, s = q.stochastic_codes(w, None)  # deterministic rounding for eval/export: |w| ≥ s/2
   np.testing.assert_array_equal(t, [1, 0, 1, 0])
+  np.testing.assert_allclose(s, 0.75)
   g = jax.grad(lambda w: jnp.sum(q.stochastic(w, jax.random.key(1), ste="clipped") * 2.0))(
       jnp.array([0.5, -2.0]))
   np.testing.assert_allclose(g, [2.0, 0.0])
