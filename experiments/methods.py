@@ -10,8 +10,8 @@ optionally ``epochs``, ``lr``, ``batch_size``, ``quant`` (QuantConfig fields, e.
 on them: what the sweep tunes on), ``overwrite``.
 The run trains through the shared loop (``train_and_evaluate``; resuming what ``workdir``
 holds), exports the trained model (``workdir/export``, ternjax.export without the ONNX file:
-the packed arrays a deployment loads) and writes ``workdir/result.json``: the loop's summary and
-the deployed size (the export's).
+the packed arrays a deployment loads) and writes ``workdir/result.json``: the spec, the loop's
+summary and the deployed size (the export's).
 """
 
 from __future__ import annotations
@@ -141,9 +141,19 @@ def run(spec: dict) -> dict:
     size.update(export_disk_bytes=report["disk_bytes"], export_array_bytes=report["array_bytes"],
                 bits_with_scales=report["bits_with_scales"])
   result = {**spec, **summary, **size, "train": dataclasses.asdict(config),
-            "quant_config": dataclasses.asdict(quant)}
+            "quant_config": dataclasses.asdict(quant), "spec": spec}
   (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
   return result
+
+
+def finished(spec: dict) -> dict | None:
+  """The ``result.json`` of a run that already ended with exactly ``spec`` (None with
+  ``overwrite``, or when there is none or it was for other settings)."""
+  path = Path(spec["workdir"]) / "result.json"
+  if spec.get("overwrite") or not path.exists():
+    return None
+  result = json.loads(path.read_text())
+  return result if result.get("spec") == spec else None
 
 
 def launch(spec: dict, log: Path) -> subprocess.Popen:
@@ -162,7 +172,7 @@ def launch(spec: dict, log: Path) -> subprocess.Popen:
 def run_all(specs, parallel: int, time_limit: float | None = None, on_done=None):
   """Runs ``specs`` (an iterable, consumed as places free up) as ``parallel`` concurrent
   processes; calls ``on_done(spec, result or None, why, log_tail)`` as each ends (``why``:
-  why there is no result, else None). Past
+  why there is no result, else None); a run already :func:`finished` is only read. Past
   ``time_limit`` seconds the running ones are killed and no new one starts (their
   checkpoints stay: the same command resumes them)."""
   start, running, pending = time.monotonic(), [], iter(specs)
@@ -176,6 +186,10 @@ def run_all(specs, parallel: int, time_limit: float | None = None, on_done=None)
         spec = next(pending, None)
         if spec is None:
           break
+        if (result := finished(spec)) is not None:
+          if on_done:
+            on_done(spec, result, None, "")
+          continue
         log = Path(spec["workdir"]).parent / "logs" / (Path(spec["workdir"]).name + ".log")
         running.append((spec, log, launch(spec, log)))
       if not running:

@@ -62,6 +62,11 @@ def test_sweep_then_compare_smoke(scripts, tmp_path, monkeypatch):
   table = (out / "results.md").read_text()
   assert "| admm |" in table and "±" in table and "within 0.2 of FP" in table
   assert set(result["stats"]) == {"fp", "admm"}
+  monkeypatch.setattr(compare.methods, "launch", None)  # the same command only reads them now
+  again = compare.main([*tiny, "--methods", "fp", "admm", "--seeds", "0",
+                        "--best", str(tmp_path / "sweep" / "sweep.json"),
+                        "--work", str(tmp_path / "runs"), "--out", str(tmp_path / "again")])
+  assert again["rows"] == result["rows"]
 
 
 def _check_admm_export(run):
@@ -83,6 +88,20 @@ def _check_admm_export(run):
   expected = model(train.preprocess(x))
   np.testing.assert_array_equal(np.argmax(net(x / 255), -1), np.argmax(expected, -1))
   np.testing.assert_allclose(net(x / 255), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_finished_run_is_read_only_for_its_own_spec(scripts, tmp_path, monkeypatch):
+  methods = scripts[0].methods
+  spec = {"task": "lenet5-mnist", "method": "twn", "seed": 0, "epochs": None,
+          "quant": {"delta": 0.6}, "workdir": str(tmp_path)}
+  (tmp_path / "result.json").write_text(json.dumps({"epochs": 30, "spec": spec}))
+  assert methods.finished(spec)["epochs"] == 30
+  assert methods.finished({**spec, "quant": {"delta": 0.7}}) is None
+  assert methods.finished({**spec, "overwrite": True}) is None
+  seen = []
+  monkeypatch.setattr(methods, "launch", None)  # nothing is started
+  methods.run_all([spec], 1, on_done=lambda *a: seen.append(a[1:3]))
+  assert seen == [({"epochs": 30, "spec": spec}, None)]
 
 
 @pytest.mark.parametrize("script,argv,words", [
