@@ -148,12 +148,16 @@ def run(spec: dict) -> dict:
 
 def finished(spec: dict) -> dict | None:
   """The ``result.json`` of a run that already ended with exactly ``spec`` (None with
-  ``overwrite``, or when there is none or it was for other settings)."""
+  ``overwrite``, or when there is none, it cannot be read or it was for other settings: the
+  run is then started again, resuming its checkpoints)."""
   path = Path(spec["workdir"]) / "result.json"
   if spec.get("overwrite") or not path.exists():
     return None
-  result = json.loads(path.read_text())
-  return result if result.get("spec") == spec else None
+  try:
+    result = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  return result if isinstance(result, dict) and result.get("spec") == spec else None
 
 
 def launch(spec: dict, log: Path) -> subprocess.Popen:

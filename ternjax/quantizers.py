@@ -19,7 +19,7 @@ quantizer       forward                                                 backward
 ``ttq``         Δ = t·max|w|; returns αp on w > Δ, −αn on w < −Δ, else  w: g·αp / g / g·αn on the
                 0                                                       +, 0, − sets; αp: Σ g over
                                                                         +; αn: −Σ g over −
-``stochastic``  s = α of TWN; t = sign(w)·Bernoulli(min(|w|/s, 1));   STE (identity or clipped)
+``stochastic``  s = α of TWN; t = sign(w)·Bernoulli(min(|w|/s, 1));     STE (identity or clipped)
                 returns s·t
 ``admm``        training: the float w (or its projection, STE); the     the loss gradient plus
                 penalty pulls w to ternary; eval: :func:`ternary_fit`   ρ(w − G + U) (penalty)

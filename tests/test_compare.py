@@ -98,6 +98,10 @@ def test_a_finished_run_is_read_only_for_its_own_spec(scripts, tmp_path, monkeyp
   assert methods.finished(spec)["epochs"] == 30
   assert methods.finished({**spec, "quant": {"delta": 0.7}}) is None
   assert methods.finished({**spec, "overwrite": True}) is None
+  (tmp_path / "other").mkdir()
+  for corrupted in ('{"epochs": 30, "sp', "[1, 2]"):  # cut while written; not a result
+    (tmp_path / "other" / "result.json").write_text(corrupted)
+    assert methods.finished({**spec, "workdir": str(tmp_path / "other")}) is None
   seen = []
   monkeypatch.setattr(methods, "launch", None)  # nothing is started
   methods.run_all([spec], 1, on_done=lambda *a: seen.append(a[1:3]))
