@@ -112,7 +112,7 @@ def twn_codes(w: jax.Array, delta: float = 0.7, per_channel: bool = False):
     α = \frac{Σ |w|·|t|}{Σ |t|}
 
   >>> t, a = twn_codes(jnp.array([0.9, -0.1, -1.1, 0.4]))
-  >>> t.tolist(), round(float(a), 4)
+  >>> t.tolist(), round(float(a[0]), 4)
   ([1, 0, -1, 0], 1.0)
   """
   axes = _reduce_axes(w, per_channel)
@@ -214,7 +214,7 @@ def ternary_fit(w: jax.Array, per_channel: bool = False, iterations: int = 10):
   the returned ``α`` is the optimal one for the returned codes.
 
   >>> t, a = ternary_fit(jnp.array([1.0, 0.9, 0.2, -1.1]))
-  >>> t.tolist(), round(float(a), 4)
+  >>> t.tolist(), round(float(a[0]), 4)
   ([1, 1, 0, -1], 1.0)
   """
   axes = _reduce_axes(w, per_channel)
