@@ -7,12 +7,14 @@
 * ``confusion.png``: the confusion matrix, row-normalised;
 * ``confidence.png``: histograms of the top softmax probability, right and wrong predictions.
 
-Needs the ``report`` extra (matplotlib).
+The PNGs need the ``report`` extra (matplotlib); without it ``write`` leaves report.json alone
+and warns, so that a run (``experiments/mnist.py`` after ``pip install -e .``) still ends well.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +90,18 @@ def _plot_confidence(logits, labels, path: Path, title: str) -> None:
 
 def write(workdir, logits, labels, class_names, *, subsets: dict[str, np.ndarray] | None = None,
           title: str = "", extra: dict | None = None) -> dict:
-  """Writes report.json, confusion.png and confidence.png into ``workdir``; returns the report."""
+  """Writes report.json, confusion.png and confidence.png into ``workdir`` (the PNGs where
+  matplotlib is installed, else a warning says so); returns the report."""
   workdir = Path(workdir)
   report = {**compute(logits, labels, class_names, subsets), **(extra or {})}
   (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    warnings.warn(f"confusion.png and confidence.png not drawn in {workdir}: they need "
+                  "matplotlib (pip install 'ternjax[report]'); report.json is written",
+                  stacklevel=2)
+    return report
   _plot_confusion(report, workdir / "confusion.png", title)
   _plot_confidence(logits, labels, workdir / "confidence.png", title)
   return report

@@ -1,6 +1,8 @@
-"""ternjax.report: the JSON numbers equal a direct computation; the PNGs are written."""
+"""ternjax.report: the JSON numbers equal a direct computation; the PNGs are written (without
+matplotlib: the JSON, and a warning)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -36,3 +38,12 @@ def test_report_numbers_and_files(tmp_path):
       probs.max(1)[predicted != labels].mean())
   for name in ("confusion.png", "confidence.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_json_is_written_and_a_warning_says_so(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+  labels = np.arange(10) % 3
+  with pytest.warns(UserWarning, match=r"not drawn .*\(pip install 'ternjax\[report\]'\)"):
+    out = report.write(tmp_path, np.eye(3)[labels], labels, ["a", "b", "c"])
+  assert out["top1"] == 1.0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
