@@ -6,6 +6,7 @@ their results into few files (a GPU call brings back at most 8 files).
   python experiments/cifar10_batch.py main2 ...  # after main1 on the same machine
   python experiments/cifar10_batch.py zoo --data-dir /root/c10/bin --out $OUT --limit-s 330
   python experiments/cifar10_batch.py twins --data-dir /root/c10/bin --out $OUT --limit-s 240
+  python experiments/cifar10_batch.py aternary --data-dir /root/c10/bin --out $OUT
 
 Plans are phases run one after another; the runs of a phase share the GPU as separate
 processes (XLA_PYTHON_CLIENT_PREALLOCATE=false, one persistent compilation cache, so the seeds
@@ -98,7 +99,14 @@ def plans() -> dict[str, list[list[tuple]]]:
       [("bench", None, [*BENCH, "--models", "resnet18", "mobilenetv2", "vit_tiny", "--weights",
                         "fp", "twn", "--steps", "10", "--repeats", "2"], None)],
   ]
-  return {"probe": probe, "main1": main1, "main2": main2, "zoo": zoo, "twins": twins}
+  # Ternary activations (LSQ gradient scale per example): the scales' learning rate, and the
+  # 80-epoch schedule.
+  wa = ("resnet18", "--weights", "twn", "--activations", "ternary")
+  aternary = [[_train(f"resnet18-twn-aternary-slr{lr}", *wa, "--scale-lr", lr)
+               for lr in ("0.01", "0.1", "1")]
+              + [_train("resnet18-twn-aternary-e80", *wa, epochs=80)]]
+  return {"probe": probe, "main1": main1, "main2": main2, "zoo": zoo, "twins": twins,
+          "aternary": aternary}
 
 
 def fit_epochs(phase, args, work: Path, env) -> dict[str, int]:

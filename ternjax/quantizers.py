@@ -247,8 +247,10 @@ def ternary_activation(x: jax.Array, scale: jax.Array, threshold: float = 0.5) -
 
   Backward: ``∂/∂x = g·[|x| ≤ s]``; with ``v = x/s``,
   ``∂/∂s = Σ g·(t − v)`` inside ``|v| ≤ 1`` and ``Σ g·sign(v)`` outside, times LSQ's gradient
-  scale ``1/\sqrt{N}`` (``N`` elements per scale) which keeps the scale's step comparable to the
-  weights'. The result has ``x``'s dtype (a bfloat16 layer stays bfloat16).
+  scale ``1/\sqrt{N}`` which keeps the scale's step comparable to the weights'. ``N`` counts the
+  elements per scale of one example (LSQ's features; axis 0 is the batch when ``x.ndim > 1``):
+  the batch already enters through the loss's mean. The result has ``x``'s dtype (a bfloat16
+  layer stays bfloat16).
   """
   return _ternary_activation_fwd(x, scale, threshold)[0]
 
@@ -265,7 +267,8 @@ def _ternary_activation_bwd(threshold, res, g):
   inside = jnp.abs(v) <= 1
   g_x = (g * inside.astype(g.dtype)).astype(x.dtype)
   g = g.astype(v.dtype)
-  per_scale = x.size // max(jnp.size(scale), 1)
+  examples = x.shape[0] if x.ndim > 1 else 1
+  per_scale = max(x.size // (examples * max(jnp.size(scale), 1)), 1)
   g_s = jnp.where(inside, t - v, jnp.sign(v)) * g / jnp.sqrt(per_scale)
   return g_x, _sum_to_shape(g_s, jnp.shape(scale)).astype(jnp.result_type(scale))
 
@@ -319,8 +322,9 @@ class WeightQuantizer(nnx.Module):
   method has codes (:meth:`codes`); ``kernel_forward``: its codes are its training forward's,
   so a layer may run the packed op forward (``QuantConfig.kernel_forward``); ``eval_differs``:
   eval mode's kernel (the codes) is so unlike the training forward's (stochastic draws) that
-  the BatchNorm statistics gathered in training do not fit it, so the training loop
-  re-estimates them after the last epoch (``train.recalibrate_batchnorm``).
+  the BatchNorm statistics gathered in training do not fit it (stochastic draws, ADMM's float
+  forward), so the training loop re-estimates them after the last epoch
+  (``train.recalibrate_batchnorm``).
   """
 
   ternary: ClassVar[bool] = True
@@ -506,6 +510,11 @@ class ADMM(WeightQuantizer):
     self.g = ADMMState(self._project(kernel))
     self.u = ADMMState(jnp.zeros_like(kernel))
     self.rho = ADMMState(jnp.asarray(config.admm_rho, jnp.float32))
+
+  @property
+  def eval_differs(self):
+    """The float forward trains other weights than eval's projection."""
+    return self.config.admm_forward == "float"
 
   def _project(self, kernel):
     t, alpha = ternary_fit(kernel, self.config.per_channel)

@@ -303,7 +303,7 @@ def evaluate(model, images, labels, batch_size: int,
 
 def needs_recalibration(model) -> bool:
   """Whether a weight quantizer of ``model`` evaluates other weights than it trains with
-  (``WeightQuantizer.eval_differs``: stochastic draws)."""
+  (``WeightQuantizer.eval_differs``: stochastic draws, ADMM's float forward)."""
   return any(quant.weight_quantizer.eval_differs for _, quant in quantized_layers(model))
 
 

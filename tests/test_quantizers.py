@@ -83,6 +83,10 @@ def test_ternary_activation_values_and_lsq_gradients():
   # inside: t − v = [-0.4, 0.2, -0.3, 0.2]; outside: sign(v) = [-1, 1]; scaled by 1/sqrt(6)
   expected = (1 * -1 + 2 * -0.4 + 3 * 0.2 + 4 * -0.3 + 5 * 0.2 + 6 * 1) / np.sqrt(6)
   np.testing.assert_allclose(gs, expected, rtol=1e-5)
+  # a batch of 4 copies: the sum over the batch grows 4×; N counts one example's elements
+  gs4 = jax.vjp(lambda x, s: q.ternary_activation(x, s, 0.5), jnp.tile(x, (4, 1)), s)[1](
+      jnp.tile(g, (4, 1)))[1]
+  np.testing.assert_allclose(gs4, 4 * expected, rtol=1e-5)
 
 
 def test_int8_per_example():

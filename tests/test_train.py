@@ -235,7 +235,8 @@ def test_recalibrate_batchnorm_fits_the_eval_weights():
   np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("weights, recalibrated", [("stochastic", True), ("twn", False)])
+@pytest.mark.parametrize("weights, recalibrated",
+                         [("stochastic", True), ("admm", True), ("twn", False)])
 def test_loop_recalibrates_after_the_last_epoch(weights, recalibrated, small, tmp_path):
   """Methods whose eval codes are not their training forward's get fresh BatchNorm statistics
   after the last epoch; the record keeps the accuracy from before."""
