@@ -50,9 +50,9 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 EXACT_TEST_RECORDS = 1000  # test records 0..999 of the shared copy are exact (its README)
 
 # Per-model recipe: SGD with Nesterov momentum, lr ≈ 0.1 per 128 examples of the batch with a
-# linear warm-up, cosine decay to 0, weight decay 5e-4, label smoothing 0.1, crop + flip. Learned
-# quantizer scales (TTQ's α, ternary activations' scale) at 1/100 of the lr: their SGD gradient
-# sums over a whole channel or tensor (Adam's is normalized: 1).
+# linear warm-up, cosine decay to 0, weight decay 5e-4, label smoothing 0.1, crop + flip. TTQ's
+# learned scales at 1/100 of the lr: their SGD gradient sums over a whole channel (Adam's is
+# normalized: 1).
 _SGD = TrainConfig(optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=5e-4,
                    label_smoothing=0.1, schedule="cosine", warmup_epochs=2, shift=4, flip=True,
                    scale_lr=0.01)

@@ -304,9 +304,10 @@ def activation_codes(method: str, x: jax.Array, scale=None, threshold: float = 0
 
 
 class Scale(nnx.Param):
-  """A learned quantizer scale (TTQ's ``alpha_pos`` / ``alpha_neg``, ternary inputs'
-  ``act_scale``): trained like any ``nnx.Param``, at ``TrainConfig.scale_lr`` times the
-  learning rate (its gradient sums over a whole channel or tensor)."""
+  """A learned quantizer scale whose gradient sums over a whole channel or tensor (TTQ's
+  ``alpha_pos`` / ``alpha_neg``): trained like any ``nnx.Param``, at ``TrainConfig.scale_lr``
+  times the learning rate. (The ternary inputs' ``act_scale`` is a plain ``nnx.Param``: LSQ's
+  gradient scale already normalizes its gradient.)"""
 
 
 class QuantState(nnx.Variable):
@@ -561,7 +562,8 @@ class FloatInputs(InputQuantizer):
 
 @register("ternary")
 class TernaryInputs(InputQuantizer):
-  """:func:`ternary_activation` with a learned scale ``act_scale`` (:class:`Scale`, initially
+  """:func:`ternary_activation` with a learned scale ``act_scale`` (an ``nnx.Param`` trained at
+  the learning rate, as LSQ's: its gradient is normalized; initially
   ``QuantConfig.act_scale_init``)."""
 
   x_ternary = True
@@ -569,7 +571,7 @@ class TernaryInputs(InputQuantizer):
 
   def __init__(self, config, *, rngs):
     super().__init__(config, rngs=rngs)
-    self.act_scale = Scale(jnp.asarray(config.act_scale_init, jnp.float32))
+    self.act_scale = nnx.Param(jnp.asarray(config.act_scale_init, jnp.float32))
 
   def __call__(self, x):
     return ternary_activation(x, self.act_scale[...], self.config.act_threshold)

@@ -133,6 +133,22 @@ def test_scale_lr_moves_only_the_learned_scales():
     train.TrainConfig(scale_lr=0.0)
 
 
+def test_activation_scale_trains_at_the_learning_rate():
+  """The ternary inputs' scale is not a ``quantizers.Scale``: LSQ's gradient scale normalizes
+  its gradient, so ``scale_lr`` (meant for TTQ's summed gradients) leaves it at the lr."""
+  model = tj.models.mlp(tj.QuantConfig(activations="ternary"), rngs=nnx.Rngs(default=0, quant=1))
+  c = train.TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, schedule="constant",
+                        scale_lr=0.01)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(c, 1, model)[0], wrt=nnx.Param)
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), before,
+                       nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+  scales = {k: v for k, v in flat.items() if "act_scale" in k}
+  assert scales and all(v == pytest.approx(0.1, rel=1e-3) for v in scales.values()), scales
+
+
 def test_random_shift_translates_each_image():
   images = jnp.zeros((64, 9, 9, 1)).at[:, 4, 4, 0].set(1.0)
   out = train.random_shift(images, jax.random.key(0), 2)
