@@ -322,10 +322,9 @@ class WeightQuantizer(nnx.Module):
   kernel; learned state is ``nnx.Param``, other state :class:`QuantState`. ``ternary``: the
   method has codes (:meth:`codes`); ``kernel_forward``: its codes are its training forward's,
   so a layer may run the packed op forward (``QuantConfig.kernel_forward``); ``eval_differs``:
-  eval mode's kernel (the codes) is so unlike the training forward's (stochastic draws) that
-  the BatchNorm statistics gathered in training do not fit it (stochastic draws, ADMM's float
-  forward), so the training loop re-estimates them after the last epoch
-  (``train.recalibrate_batchnorm``).
+  eval mode's kernel (the codes) is so unlike the training forward's (stochastic draws, ADMM's
+  float forward) that the BatchNorm statistics gathered in training do not fit it, so the
+  training loop re-estimates them after the last epoch (``train.recalibrate_batchnorm``).
   """
 
   ternary: ClassVar[bool] = True

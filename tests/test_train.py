@@ -114,10 +114,10 @@ def test_schedules_and_optimizers():
     train.TrainConfig(optimizer="rmsprop")
 
 
-def test_scale_lr_moves_only_the_learned_scales():
-  """``scale_lr`` multiplies the learning rate of TTQ's α (``quantizers.Scale``) and of
-  nothing else: one SGD step from equal gradients moves α by scale_lr times a kernel entry."""
-  model = tj.models.mlp(tj.QuantConfig(weights="ttq"), rngs=nnx.Rngs(default=0, quant=1))
+def _moved_by_one_sgd_step(quant: tj.QuantConfig) -> dict[str, float]:
+  """Parameter path -> largest change of one SGD step (lr 0.1, ``scale_lr`` 0.01) from
+  gradients of ones, for an MLP quantized by ``quant``."""
+  model = tj.models.mlp(quant, rngs=nnx.Rngs(default=0, quant=1))
   c = train.TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, schedule="constant",
                         scale_lr=0.01)
   optimizer = nnx.Optimizer(model, train.make_optimizer(c, 1, model)[0], wrt=nnx.Param)
@@ -125,7 +125,13 @@ def test_scale_lr_moves_only_the_learned_scales():
   before = params()
   optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), before, params())
-  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+
+
+def test_scale_lr_moves_only_the_learned_scales():
+  """``scale_lr`` multiplies the learning rate of TTQ's α (``quantizers.Scale``) and of
+  nothing else: one SGD step from equal gradients moves α by scale_lr times a kernel entry."""
+  flat = _moved_by_one_sgd_step(tj.QuantConfig(weights="ttq"))
   scales = {k: v for k, v in flat.items() if "alpha" in k}
   assert scales and all(v == pytest.approx(1e-3, rel=1e-3) for v in scales.values()), scales
   assert all(v == pytest.approx(0.1, rel=1e-3) for k, v in flat.items() if k not in scales)
@@ -136,15 +142,7 @@ def test_scale_lr_moves_only_the_learned_scales():
 def test_activation_scale_trains_at_the_learning_rate():
   """The ternary inputs' scale is not a ``quantizers.Scale``: LSQ's gradient scale normalizes
   its gradient, so ``scale_lr`` (meant for TTQ's summed gradients) leaves it at the lr."""
-  model = tj.models.mlp(tj.QuantConfig(activations="ternary"), rngs=nnx.Rngs(default=0, quant=1))
-  c = train.TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, schedule="constant",
-                        scale_lr=0.01)
-  optimizer = nnx.Optimizer(model, train.make_optimizer(c, 1, model)[0], wrt=nnx.Param)
-  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), before,
-                       nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(moved)}
+  flat = _moved_by_one_sgd_step(tj.QuantConfig(activations="ternary"))
   scales = {k: v for k, v in flat.items() if "act_scale" in k}
   assert scales and all(v == pytest.approx(0.1, rel=1e-3) for v in scales.values()), scales
 
