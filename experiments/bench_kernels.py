@@ -93,7 +93,9 @@ def _stream_events(trace_dir: str):
 
 
 def device_time(fn, args, ops_per_call: int, calls: int = 5):
-  """Device time of one op (µs) from the GPU stream events: median and mean; wall time per op."""
+  """Device time of one op (µs) from the GPU stream events: median and mean; wall time per op;
+  and the op's kernels in launch order, each ``{"name", "us"}`` (its median over instances; a
+  ``None`` time where the events do not group evenly into the ops)."""
   jax.block_until_ready(fn(*args))
   walls = []
   with tempfile.TemporaryDirectory() as d:
@@ -105,14 +107,17 @@ def device_time(fn, args, ops_per_call: int, calls: int = 5):
     events = _stream_events(d)
   n_ops = ops_per_call * calls
   per_op = len(events) // n_ops if events and len(events) % n_ops == 0 else 0
-  if per_op:  # consecutive events of one op instance; median over instances
-    durations = [sum(e[1] for e in events[i:i + per_op]) for i in range(0, len(events), per_op)]
-    device = statistics.median(durations) / 1e3
   mean = sum(e[1] for e in events) / n_ops / 1e3 if events else float("nan")
-  if not per_op:  # events not grouped evenly: the mean
+  if per_op:  # consecutive events of one op instance; medians over instances
+    instances = [events[i:i + per_op] for i in range(0, len(events), per_op)]
+    device = statistics.median(sum(e[1] for e in op) for op in instances) / 1e3
+    kernels = [{"name": instances[0][j][2][:60],
+                "us": statistics.median(op[j][1] for op in instances) / 1e3}
+               for j in range(per_op)]
+  else:  # events not grouped evenly: the mean
     device = mean
-  names = sorted({e[2][:60] for e in events})
-  return device, mean, statistics.median(walls) * 1e6, names
+    kernels = [{"name": name, "us": None} for name in sorted({e[2][:60] for e in events})]
+  return device, mean, statistics.median(walls) * 1e6, kernels
 
 
 def _backends():
@@ -238,9 +243,9 @@ def bench(save, seed: int = 1, sweep: bool = False) -> list[dict]:
     for label, bs, fn, args, nbytes in timed:
       row = dict(m=m, k=k, n=n, impl=label, block_sizes=dataclasses.asdict(bs) if bs else None)
       try:
-        t_dev, t_mean, t_wall, names = device_time(fn, args, len(args[1]))
+        t_dev, t_mean, t_wall, kernels_us = device_time(fn, args, len(args[1]))
         row.update(us=t_dev, mean_us=t_mean, wall_us=t_wall, tops_eq=flops / t_dev / 1e6,
-                   gb_per_s=nbytes / t_dev / 1e3, bytes=nbytes, kernels=names,
+                   gb_per_s=nbytes / t_dev / 1e3, bytes=nbytes, kernels=kernels_us,
                    hbm_frac=nbytes / t_dev / 1e-6 / hbm_bytes_per_s())
       except Exception as e:  # a configuration that fails to compile or run is recorded
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")

@@ -25,19 +25,29 @@ import methods
 BATCH_SIZES = {"lenet5-mnist": (64, 128, 256), "resnet20-cifar10": (128, 256, 512)}
 
 
+# The QuantConfig fields searched per method (stochastic: δ of its scale, TWN's α; ADMM: ρ's
+# schedule and the training forward): ("float", low, high[, log]) or ("categorical", choices).
+SPACE = {
+    "twn": {"delta": ("float", 0.3, 1.2)},
+    "stochastic": {"delta": ("float", 0.3, 1.2)},
+    "ttq": {"ttq_threshold": ("float", 0.01, 0.3, True)},
+    "admm": {"admm_rho": ("float", 1e-6, 1e-2, True),
+             "admm_rho_end": ("float", 1e-2, 1e2, True),
+             "admm_every": ("categorical", (50, 100, 200)),
+             "admm_forward": ("categorical", ("float", "projected"))},
+}
+
+
+def _suggest(trial, name: str, kind: str, *args):
+  if kind == "float":
+    low, high, *log = args
+    return trial.suggest_float(name, low, high, log=bool(log and log[0]))
+  return trial.suggest_categorical(name, args[0])
+
+
 def suggest(trial, method: str, base_lr: float, batch_sizes) -> dict:
-  """A trial's ``lr``, ``batch_size`` and ``quant`` (QuantConfig fields; ADMM: ρ's schedule
-  and the training forward)."""
-  quant = {}
-  if method in ("twn", "stochastic"):  # stochastic: δ of its scale, TWN's α
-    quant["delta"] = trial.suggest_float("delta", 0.3, 1.2)
-  elif method == "ttq":
-    quant["ttq_threshold"] = trial.suggest_float("ttq_threshold", 0.01, 0.3, log=True)
-  elif method == "admm":
-    quant["admm_rho"] = trial.suggest_float("admm_rho", 1e-6, 1e-2, log=True)
-    quant["admm_rho_end"] = trial.suggest_float("admm_rho_end", 1e-2, 1e2, log=True)
-    quant["admm_every"] = trial.suggest_categorical("admm_every", (50, 100, 200))
-    quant["admm_forward"] = trial.suggest_categorical("admm_forward", ("float", "projected"))
+  """A trial's ``lr``, ``batch_size`` and ``quant`` (the fields of :data:`SPACE`)."""
+  quant = {name: _suggest(trial, name, *space) for name, space in SPACE.get(method, {}).items()}
   return {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 4, log=True),
           "batch_size": trial.suggest_categorical("batch_size", tuple(batch_sizes)),
           "quant": quant}
@@ -49,16 +59,12 @@ def default_params(method: str, recipe, batch_sizes) -> dict:
   study's first trial, so that the best found is never one the defaults beat on validation."""
   from ternjax import QuantConfig
 
-  default = QuantConfig(weights=method)
+  default, given = QuantConfig(weights=method), methods.DEFAULTS.get(method, {})
   params = {"lr": recipe.lr}
   if recipe.batch_size in batch_sizes:
     params["batch_size"] = recipe.batch_size
-  if method in ("twn", "stochastic"):
-    params["delta"] = default.delta
-  elif method == "ttq":
-    params["ttq_threshold"] = default.ttq_threshold
-  elif method == "admm":
-    params.update(admm_forward=default.admm_forward, **methods.DEFAULTS["admm"])
+  params.update({name: given[name] if name in given else getattr(default, name)
+                 for name in SPACE.get(method, {})})
   return params
 
 

@@ -142,15 +142,17 @@ def main(argv=None):
       row = dict(m=m, k=k, n=n, impl=label, act=act,
                  block_sizes=dataclasses.asdict(bs) if bs else None)
       try:
-        us, mean, wall, names = device_time(fn, fargs, sets)
+        us, mean, wall, kernels_us = device_time(fn, fargs, sets)
         nbytes = (2 * k * n if label == "xla bf16 dot" else packed) + m * k * (
             2 if act == "bf16" else 1) + 4 * m * n
         row.update(us=us, mean_us=mean, wall_us=wall, tops_eq=2 * m * k * n / us / 1e6,
-                   hbm_frac=nbytes / (us * 1e-6) / bw, kernels=names)
+                   hbm_frac=nbytes / (us * 1e-6) / bw, kernels=kernels_us)
       except Exception as e:
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
       rows.append(row)
-      print(json.dumps({kk: v for kk, v in row.items() if kk != "kernels"}), flush=True)
+      print(json.dumps({**{kk: v for kk, v in row.items() if kk != "kernels"},
+                        "kernel_us": [kern["us"] for kern in row.get("kernels", ())]}),
+            flush=True)
     with open(args.out, "w") as f:
       json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                      command=" ".join(sys.argv), checks={str(b): v for b, v in checked.items()},

@@ -24,6 +24,21 @@ def scripts(monkeypatch):
   return importlib.import_module("compare_methods"), importlib.import_module("sweep")
 
 
+def test_sweep_defaults_are_a_trial(scripts):
+  """default_params names exactly the parameters suggest asks for (so that each study's first
+  trial is the comparison's settings), for every method."""
+  import optuna
+
+  _, sweep = scripts
+  methods = importlib.import_module("methods")
+  _, recipe = methods.recipe("resnet20-cifar10")
+  for method in methods.METHODS:
+    params = sweep.default_params(method, recipe, (128, 256, 512))
+    config = sweep.suggest(optuna.trial.FixedTrial(params), method, recipe.lr, (128, 256, 512))
+    assert {**config["quant"], "lr": config["lr"], "batch_size": config["batch_size"]} == params
+    assert (config["lr"], config["batch_size"]) == (recipe.lr, recipe.batch_size)
+
+
 @pytest.mark.slow
 def test_sweep_then_compare_smoke(scripts, tmp_path, monkeypatch):
   compare, sweep = scripts
