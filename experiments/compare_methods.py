@@ -8,7 +8,7 @@
 
 Every run is one process of experiments/methods.py (``--parallel`` at a time, sharing the GPU)
 training through the shared loop with the task's recipe (mnist.py / cifar10.py ``RECIPES``),
-the method's settings (``methods.DEFAULTS``, else the quantizer's, replaced by a sweep's best
+the method's settings (``methods.DEFAULTS``, else the quantizer's, updated with a sweep's best
 configuration with ``--best``). Run directories go under ``--work`` and are resumed: a call
 cut by ``--time-limit`` (or killed) continues with the same command, finished runs are only
 read. ``--out`` receives results.csv (one row per run), results.md (mean ± std over seeds,
@@ -44,10 +44,11 @@ CSV_FIELDS = ("task", "method", "seed", "status", "epochs", "test_accuracy",
 
 def settings(method: str, best: dict | None, batch_size: int | None) -> dict:
   """``lr``, ``batch_size`` (None: the recipe's) and ``quant`` of a method's runs: the sweep's
-  best configuration if given, else ``methods.DEFAULTS``; ``batch_size`` overrides both."""
-  found = (best or {}).get(method, {"quant": methods.DEFAULTS.get(method, {})})
+  best configuration if given, its ``quant`` over ``methods.DEFAULTS``
+  (:func:`methods.method_quant`); ``batch_size`` overrides both."""
+  found = (best or {}).get(method, {})
   return {"lr": found.get("lr"), "batch_size": batch_size or found.get("batch_size"),
-          "quant": found.get("quant", {})}
+          "quant": methods.method_quant(method, found.get("quant"))}
 
 
 def specs(args, best) -> list[dict]:

@@ -5,7 +5,8 @@ training run of them, run as its own process so that several share one GPU.
 
 A run's spec (JSON): ``task``, ``method`` (a weight quantizer name), ``seed``, ``workdir`` and
 optionally ``epochs``, ``lr``, ``batch_size``, ``quant`` (QuantConfig fields, e.g.
-``{"delta": 0.6}``, and ADMM's ``admm_rho_end``: :func:`resolve_quant`), ``limit``,
+``{"delta": 0.6}``, ADMM's ``admm_rho_end`` and ``stochastic_anneal_fraction``:
+:func:`resolve_quant`), ``limit``,
 ``data_dir``, ``validation`` (hold out the last ``VALIDATION_SIZE`` training images and test
 on them: what the sweep tunes on), ``overwrite``.
 The run trains through the shared loop (``train_and_evaluate``; resuming what ``workdir``
@@ -30,8 +31,15 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("fp", "twn", "ttq", "stochastic", "admm")
 VALIDATION_SIZE = 5000  # training images held out for the sweep's objective
 # Method settings where the quantizer's defaults are not the comparison's: ADMM's ρ grows
-# geometrically from admm_rho to admm_rho_end over the run (resolve_quant).
-DEFAULTS = {"admm": {"admm_rho": 1e-4, "admm_rho_end": 1.0, "admm_every": 100}}
+# geometrically from admm_rho to admm_rho_end over the run; the stochastic draws' noise falls
+# to the deterministic rounding over the first half of the run (resolve_quant).
+DEFAULTS = {"admm": {"admm_rho": 1e-4, "admm_rho_end": 1.0, "admm_every": 100},
+            "stochastic": {"stochastic_anneal_fraction": 0.5}}
+
+
+def method_quant(method: str, chosen: dict | None = None) -> dict:
+  """A method's ``quant``: its :data:`DEFAULTS`, updated with ``chosen`` (a sweep's fields)."""
+  return {**DEFAULTS.get(method, {}), **(chosen or {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +97,13 @@ def train_config(spec: dict):
 
 def resolve_quant(quant: dict, steps: int) -> dict:
   """QuantConfig fields from a spec's ``quant``: ``admm_rho_end`` (ρ after the run's ``steps``
-  optimizer steps) becomes the geometric ``admm_growth`` that reaches it from ``admm_rho``."""
+  optimizer steps) becomes the geometric ``admm_growth`` that reaches it from ``admm_rho``;
+  ``stochastic_anneal_fraction`` (of the run) becomes ``stochastic_anneal`` (steps)."""
   from ternjax import QuantConfig
 
   quant = dict(quant)
+  if "stochastic_anneal_fraction" in quant:
+    quant["stochastic_anneal"] = round(quant.pop("stochastic_anneal_fraction") * steps)
   if "admm_rho_end" in quant:
     end, default = quant.pop("admm_rho_end"), QuantConfig(weights="admm")
     rho, every = (quant.get(k, getattr(default, k)) for k in ("admm_rho", "admm_every"))

@@ -46,8 +46,10 @@ def _suggest(trial, name: str, kind: str, *args):
 
 
 def suggest(trial, method: str, base_lr: float, batch_sizes) -> dict:
-  """A trial's ``lr``, ``batch_size`` and ``quant`` (the fields of :data:`SPACE`)."""
-  quant = {name: _suggest(trial, name, *space) for name, space in SPACE.get(method, {}).items()}
+  """A trial's ``lr``, ``batch_size`` and ``quant`` (the fields of :data:`SPACE` over
+  ``methods.DEFAULTS``)."""
+  quant = methods.method_quant(method, {name: _suggest(trial, name, *space)
+                                        for name, space in SPACE.get(method, {}).items()})
   return {"lr": trial.suggest_float("lr", base_lr / 4, base_lr * 4, log=True),
           "batch_size": trial.suggest_categorical("batch_size", tuple(batch_sizes)),
           "quant": quant}

@@ -56,6 +56,8 @@ class QuantConfig:
   admm_every: int = 100          # ADMM: optimizer steps between dual updates (k)
   admm_forward: str = "float"    # ADMM training forward: 'float' W (the paper's) |
                                  # 'projected' Π(W), straight-through backward
+  stochastic_anneal: int = 0     # stochastic: optimizer steps over which the draws' noise
+                                 # falls linearly to the deterministic rounding (0: never)
 
   def __post_init__(self):
     weights, activations = tuple(q.WEIGHT_QUANTIZERS), tuple(q.ACTIVATION_QUANTIZERS)
@@ -81,6 +83,9 @@ class QuantConfig:
                        f"got {self.admm_forward!r}")
     if not (isinstance(self.admm_every, int) and self.admm_every >= 1):
       raise ValueError(f"admm_every must be a positive integer, got {self.admm_every!r}")
+    if not (isinstance(self.stochastic_anneal, int) and self.stochastic_anneal >= 0):
+      raise ValueError("stochastic_anneal must be a non-negative integer (steps), "
+                       f"got {self.stochastic_anneal!r}")
     for name in ("delta", "ttq_threshold", "act_threshold", "act_scale_init", "admm_rho",
                  "admm_growth"):
       if not getattr(self, name) > 0:

@@ -179,7 +179,7 @@ ttq.defvjp(_ttq_fwd, _ttq_bwd)
 
 
 def stochastic_codes(w: jax.Array, key: jax.Array | None, delta: float = 0.7,
-                     per_channel: bool = False):
+                     per_channel: bool = False, noise: jax.Array | float = 1.0):
   """Stochastic ternary codes and scale ``s``, TWN's ``α`` (:func:`twn_codes`, threshold ``δ``).
 
   ``t = sign(w)`` with probability ``min(|w|/s, 1)``, else 0: ``E[s·t] = w`` wherever
@@ -187,17 +187,23 @@ def stochastic_codes(w: jax.Array, key: jax.Array | None, delta: float = 0.7,
   every weight unbiased but draws codes with a variance up to ``max|w|·|w|``, and its rounding
   zeroes ~90% of a Gaussian's weights.) With ``key=None`` the codes are the deterministic
   rounding ``sign(w)·[|w| ≥ s/2]``, the nearest point of ``{−s, 0, s}`` (eval and export).
+  In between, ``noise`` ν ∈ [0, 1] keeps ``|w|/s > 1/2 + ν·(u − 1/2)``, u uniform: a threshold
+  drawn from ``s/2 ± ν·s/2``, the draws above at ν = 1, the rounding at ν = 0 (annealing).
   """
   _, scale = twn_codes(w, delta, per_channel)
   p = jnp.abs(w) / jnp.maximum(scale, jnp.finfo(w.dtype).tiny)
-  keep = p >= 0.5 if key is None else jax.random.uniform(key, w.shape, w.dtype) < p
+  if key is None:
+    keep = p >= 0.5
+  else:
+    keep = p > 0.5 + noise * (jax.random.uniform(key, w.shape, w.dtype) - 0.5)
   return (jnp.sign(w) * keep).astype(jnp.int8), scale
 
 
 def stochastic(w: jax.Array, key: jax.Array | None, delta: float = 0.7,
-               per_channel: bool = False, ste: str = "identity") -> jax.Array:
+               per_channel: bool = False, ste: str = "identity",
+               noise: jax.Array | float = 1.0) -> jax.Array:
   """Stochastic ternarization ``s·t`` (see :func:`stochastic_codes`); backward: STE."""
-  t, scale = stochastic_codes(w, key, delta, per_channel)
+  t, scale = stochastic_codes(w, key, delta, per_channel, noise)
   return straight_through(w, jax.lax.stop_gradient(scale * t), ste)
 
 
@@ -465,21 +471,34 @@ class TTQ(WeightQuantizer):
     return t, ap, an
 
 
+class NoiseState(QuantState):
+  """The stochastic draws' noise level ν (1: the plain draws, 0: the deterministic rounding)."""
+
+
 @register("stochastic")
 class Stochastic(WeightQuantizer):
   """:func:`stochastic`, drawing from the ``'quant'`` RNG stream; the deterministic rounding
-  when ``deterministic`` (eval mode) and for the codes."""
+  when ``deterministic`` (eval mode) and for the codes. With ``QuantConfig.stochastic_anneal``
+  = S, the draws' noise ν (a :class:`NoiseState`) falls as ``1 − step/S`` to 0 at step S: the
+  network ends its training on the weights it deploys."""
 
   def __init__(self, config, kernel, *, rngs):
     super().__init__(config, kernel, rngs=rngs)
     self.rngs = rngs["quant"].fork()
+    if config.stochastic_anneal:
+      self.noise = NoiseState(jnp.ones((), jnp.float32))
 
   eval_differs = True  # random draws in training, the deterministic rounding in eval
 
   def __call__(self, kernel, *, deterministic=False):
     key = None if deterministic else self.rngs()
     c = self.config
-    return stochastic(kernel, key, c.delta, c.per_channel, c.ste)
+    noise = self.noise[...].astype(kernel.dtype) if c.stochastic_anneal else 1.0
+    return stochastic(kernel, key, c.delta, c.per_channel, c.ste, noise)
+
+  def update(self, kernel, step):
+    if self.config.stochastic_anneal:
+      self.noise[...] = jnp.clip(1.0 - step / self.config.stochastic_anneal, 0.0, 1.0)
 
   def codes(self, kernel):
     t, scale = stochastic_codes(kernel, None, self.config.delta, self.config.per_channel)

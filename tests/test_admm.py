@@ -100,6 +100,24 @@ def test_dual_update_every_k_steps():
   assert not np.array_equal(g, before[0])
 
 
+def test_stochastic_anneal_reaches_the_deployed_rounding():
+  quant = tj.QuantConfig(weights="stochastic", stochastic_anneal=4)
+  layer = tj.TernaryLinear(16, 8, quant=quant, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 16))
+  update = nnx.jit(lambda m, s: quant_update(m, s))
+  update(layer, jnp.int32(1))
+  assert float(layer.quant.weight_quantizer.noise[...]) == 0.75
+  assert not np.allclose(layer(x), layer(x))  # draws
+  update(layer, jnp.int32(6))
+  assert float(layer.quant.weight_quantizer.noise[...]) == 0.0
+  layer.eval()
+  deployed = layer(x)
+  layer.train()
+  np.testing.assert_allclose(layer(x), deployed, rtol=1e-6)  # training forward = eval's
+  with pytest.raises(ValueError, match="stochastic_anneal"):
+    tj.QuantConfig(weights="stochastic", stochastic_anneal=-1)
+
+
 def test_penalty_value_and_gradient():
   model = nnx.Sequential(_layer(), tj.models.ReLU(), _layer())
   for i in (0, 2):

@@ -73,6 +73,19 @@ def test_stochastic_is_unbiased_below_its_scale_and_ternary():
   np.testing.assert_allclose(g, [2.0, 0.0])
 
 
+def test_stochastic_noise_moves_the_draws_to_the_rounding():
+  w = jnp.array([0.5, -0.25, 1.0, 0.0])  # s = 0.75: |w|/s = 2/3, 1/3, 4/3, 0
+  keys = jax.random.split(jax.random.key(0), 4000)
+  draws = lambda noise: jax.vmap(lambda k: q.stochastic_codes(w, k, noise=noise)[0])(keys)
+  rounding = np.asarray(q.stochastic_codes(w, None)[0])
+  np.testing.assert_array_equal(draws(0.0), np.broadcast_to(rounding, (4000, 4)))
+  np.testing.assert_array_equal(draws(1.0), jax.vmap(lambda k: q.stochastic_codes(w, k)[0])(
+      keys))  # the default is the plain draws
+  # ν = 0.5: threshold uniform on [1/4, 3/4]: P(keep) = (p − 1/4) / (1/2), clipped to [0, 1]
+  kept = np.abs(np.asarray(draws(0.5))).mean(0)
+  np.testing.assert_allclose(kept, [5 / 6, 1 / 6, 1.0, 0.0], atol=0.03)
+
+
 def test_ternary_activation_values_and_lsq_gradients():
   x = jnp.array([-1.5, -0.6, -0.2, 0.3, 0.8, 2.5])
   s = jnp.float32(1.0)
