@@ -35,21 +35,19 @@ SHAPES = [(16, 4096, 4096), (256, 4096, 4096), (1, 4096, 4096), (4096, 4096, 409
 
 def configs(m: int) -> list[BlockSizes]:
   """The mma configurations timed at ``m`` rows (each compiles, so few). ``a=False``: split-K
-  partial sums added by XLA instead of atomic adds into a zeroed output (no memset kernel);
-  ``o=True``: trits expanded in K order, x not permuted (``BlockSizes.in_order``)."""
-  mma = lambda bm, bn, bk, s, nw=4, st=3, a=True, o=False: B(
+  partial sums added by XLA instead of atomic adds into a zeroed output (no memset kernel)."""
+  mma = lambda bm, bn, bk, s, nw=4, st=3, a=True, **kw: B(
       kernel="mma", block_m=bm, block_n=bn, block_k=bk, split_k=s, num_warps=nw,
-      num_stages=st, atomic=a, in_order=o)
+      num_stages=st, atomic=a, **kw)
   if m <= 16:
-    return [mma(16, 64, 8, 4), mma(16, 64, 8, 4, a=False), mma(16, 128, 4, 4),
-            mma(16, 64, 8, 4, o=True), mma(16, 64, 8, 4, a=False, o=True),
-            mma(16, 64, 8, 8, a=False, o=True), mma(16, 128, 4, 4, o=True)]
+    return [mma(16, 64, 8, 4), mma(16, 64, 8, 4, a=False), mma(16, 64, 8, 8, a=False),
+            mma(16, 64, 4, 8, a=False), mma(16, 128, 4, 4), mma(16, 128, 4, 4, a=False),
+            mma(16, 64, 8, 4, st=4, a=False)]
   if m <= 256:
-    return [mma(64, 64, 4, 1), mma(64, 64, 4, 2, a=False), mma(128, 128, 4, 2, 8),
-            mma(64, 64, 4, 1, o=True), mma(64, 64, 4, 2, a=False, o=True),
-            mma(128, 128, 4, 2, 8, o=True)]
-  return [mma(128, 128, 4, 1, 8), mma(128, 128, 4, 1, 8, st=4),
-          mma(128, 128, 4, 1, 8, o=True), mma(128, 128, 4, 1, 8, st=4, o=True)]
+    return [mma(64, 64, 4, 1), mma(64, 64, 4, 2, a=False), mma(64, 128, 4, 2, 8, a=False),
+            mma(128, 128, 4, 2, 8), mma(128, 128, 4, 2, 8, a=False)]
+  return [mma(128, 128, 4, 1, 8), mma(128, 256, 4, 1, 8), mma(128, 128, 8, 1, 8),
+          mma(128, 128, 4, 1, 8, st=4)]
 
 
 def _ints(key, shape, lo, hi):

@@ -63,8 +63,6 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 3
   pack: bool = True      # mma: 4 int8 (2 16-bit) trits per 32-bit unpack operation
-  in_order: bool = False  # mma with pack: trits expanded in K order (a multiply spreads 4 bits
-                          # over 4 bytes: ~2 more integer ops per 4 trits), x not permuted
   atomic: bool = True    # jax-triton integer split-K: atomic adds into a zeroed output (a
                          # memset kernel), else one partial sum per K range added by XLA
 

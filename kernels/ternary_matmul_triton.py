@@ -114,28 +114,14 @@ def _dot_kernel(x_ptr, wp_ptr, wn_ptr, m, n, k, kw, split_words, out_ptr,
 
 
 @triton.jit
-def _lanes(w, PACK: tl.constexpr, IN_ORDER: tl.constexpr):
-  """``(BN, BK)`` words -> ``(BN, BK, 32/PACK)`` 32-bit lanes of ``PACK`` one-bit fields
-  (bit 0 of each byte, or of each half): lane ``r`` holds trits ``32/PACK·i + r`` (one shift
-  and mask), or with ``IN_ORDER`` trits ``PACK·r + i`` (the lane's ``PACK`` bits spread over
-  its bytes/halves by one multiply: the shifted copies do not overlap, so nothing carries)."""
-  r = tl.arange(0, 32 // PACK)[None, None, :]
-  if IN_ORDER:
-    spread = 0x00204081 if PACK == 4 else 0x00008001
-    return (((w[:, :, None] >> (PACK * r)) & ((1 << PACK) - 1)) * spread) & (
-        0x01010101 if PACK == 4 else 0x00010001)
-  return (w[:, :, None] >> r) & (0x01010101 if PACK == 4 else 0x00010001)
-
-
-@triton.jit
-def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr, IN_ORDER: tl.constexpr):
+def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr):
   """``(BN, BK)`` weight words -> ``(BN, BK·32)`` trits in ``x``'s dtype (``[t = +1]`` without
   ``HAS_NEG``).
 
   ``PACK = 0``: one trit per shift, trit ``32·w + b`` at column ``32·w + b``. ``PACK = 4``
-  (int8) or 2 (16-bit floats): the ``PACK`` values of a 32-bit register at once
-  (:func:`_lanes`), at columns ``32·w + PACK·r + i``: trit ``32·w + 32/PACK·i + r`` (x comes
-  in that order, :func:`permute_x`), or with ``IN_ORDER`` trit ``32·w + PACK·r + i``.
+  (int8) or 2 (16-bit floats): one shift and mask give ``PACK`` trits at once, lane ``r`` of
+  word ``w`` holding trits ``32/PACK·i + r`` (``i < PACK``) as the ``PACK`` values of a 32-bit
+  register, at columns ``32·w + PACK·r + i``: x comes in that order (:func:`permute_x`).
   """
   if PACK == 0:
     bits = tl.arange(0, 32)[None, None, :]
@@ -144,21 +130,23 @@ def _trits(wp, wn, x, PACK: tl.constexpr, HAS_NEG: tl.constexpr, IN_ORDER: tl.co
       t = t - ((wn[:, :, None] >> bits) & 1)
     t = t.to(x.dtype)
   elif PACK == 4:  # int8 bytes: +1 = 0x01, -1 = 0xFF
-    c = _lanes(wp, PACK, IN_ORDER)
+    r = tl.arange(0, 8)[None, None, :]
+    c = (wp[:, :, None] >> r) & 0x01010101
     if HAS_NEG:
-      c = c | _lanes(wn, PACK, IN_ORDER) * 0xFF
+      c = c | ((wn[:, :, None] >> r) & 0x01010101) * 0xFF
     c = tl.join(tl.join(c, c), tl.join(c, c))
     t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [c], dtype=x.dtype,
                                   is_pure=True, pack=4)
   else:  # 16-bit float halves: the bit patterns of +1 and -1
+    r = tl.arange(0, 16)[None, None, :]
     if x.dtype == tl.bfloat16:
-      c = _lanes(wp, PACK, IN_ORDER) * 0x3F80
+      c = ((wp[:, :, None] >> r) & 0x00010001) * 0x3F80
       if HAS_NEG:
-        c = c | _lanes(wn, PACK, IN_ORDER) * 0xBF80
+        c = c | ((wn[:, :, None] >> r) & 0x00010001) * 0xBF80
     else:
-      c = _lanes(wp, PACK, IN_ORDER) * 0x3C00
+      c = ((wp[:, :, None] >> r) & 0x00010001) * 0x3C00
       if HAS_NEG:
-        c = c | _lanes(wn, PACK, IN_ORDER) * 0xBC00
+        c = c | ((wn[:, :, None] >> r) & 0x00010001) * 0xBC00
     c = tl.join(c, c)
     t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [c], dtype=x.dtype,
                                   is_pure=True, pack=2)
@@ -170,7 +158,7 @@ def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr
                 K: tl.constexpr, KW: tl.constexpr, SPLIT_WORDS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 TWO_SUMS: tl.constexpr, ATOMIC: tl.constexpr, PACK: tl.constexpr,
-                IN_ORDER: tl.constexpr, PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr):
   """Transposed tiles, ``out^T (BN, BM) += t^T (BN, BK·32) · x^T (BK·32, BM)``: the unpacked
   weights are wgmma's register operand (no shared-memory round trip) and x rows its N side,
   which may be as small as 16."""
@@ -193,13 +181,13 @@ def _mma_kernel(x_ptr, wp_ptr, wn_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr
     x = tl.load(x_ptr + rows[None, :] * K + trits[:, None],
                 mask=t_ok[:, None] & row_ok[None, :], other=0)
     if TWO_SUMS:
-      acc = tl.dot(_trits(wp, wn, x, PACK, False, IN_ORDER), x, acc,
-                   input_precision=PRECISION, out_dtype=acc_type)
-      acc_neg = tl.dot(_trits(wn, wp, x, PACK, False, IN_ORDER), x, acc_neg,
-                       input_precision=PRECISION, out_dtype=acc_type)
+      acc = tl.dot(_trits(wp, wn, x, PACK, False), x, acc, input_precision=PRECISION,
+                   out_dtype=acc_type)
+      acc_neg = tl.dot(_trits(wn, wp, x, PACK, False), x, acc_neg, input_precision=PRECISION,
+                       out_dtype=acc_type)
     else:
-      acc = tl.dot(_trits(wp, wn, x, PACK, True, IN_ORDER), x, acc,
-                   input_precision=PRECISION, out_dtype=acc_type)
+      acc = tl.dot(_trits(wp, wn, x, PACK, True), x, acc, input_precision=PRECISION,
+                   out_dtype=acc_type)
   out_ptr = _split_out(out_ptr, M, N, TWO_SUMS, ATOMIC)
   offsets = rows[None, :] * N + cols[:, None]
   mask = row_ok[None, :] & col_ok[:, None]
@@ -271,13 +259,12 @@ def _mma(x, wp, wn, *, two_sums, block_sizes: BlockSizes, interpret):
   (m, k), (kw, n) = x.shape, wp.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   pack = (4 if integer else 2 if x.dtype.itemsize == 2 else 0) if block_sizes.pack else 0
-  in_order = bool(pack) and block_sizes.in_order
-  if pack and not in_order:
+  if pack:
     x, k = permute_x(x, kw, pack), kw * WORD
   return _launch(_mma_kernel, (x, wp, wn), dict(m=m, n=n, k=k, kw=kw), m=m, n=n, kw=kw,
                  acc_dtype=jnp.int32 if integer else jnp.float32, two_sums=two_sums,
                  bs=block_sizes, partials=not (integer and block_sizes.atomic), static=True,
-                 PACK=pack, IN_ORDER=in_order,
+                 PACK=pack,
                  PRECISION="ieee" if x.dtype == jnp.float32 else None)
 
 

@@ -21,13 +21,12 @@ CONFIGS = [  # grids of more than one program along M, N and K (split_k)
 ]
 # The Hopper mma kernel (jax-triton only): K split over programs, float split-K partial sums,
 # one int8 plane per shift (pack=False), 64-row tiles, integer partial sums instead of atomic
-# adds, trits expanded in K order (x not permuted).
+# adds.
 MMA_CONFIGS = [
     BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=1, split_k=2),
     BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=2, pack=False),
     BlockSizes(kernel="mma", block_m=64, block_n=64, block_k=4),
     BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=2, split_k=2, atomic=False),
-    BlockSizes(kernel="mma", block_m=16, block_n=64, block_k=2, split_k=2, in_order=True),
 ]
 
 
